@@ -1,0 +1,149 @@
+"""``check_data.py``'s inspection of a dataset: counts, sizes and every problem found.
+
+Structural problems (no folder, no CSV, missing columns, duplicate paths) stop at once
+with a ToolError; per-file and per-label problems are all collected and reported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .cli import ToolError
+from .data import MIN_IMAGES_PER_CLASS, decode_image, read_test_table, read_train_table
+
+
+@dataclass
+class Report:
+    rows: int = 0
+    test_rows: int = 0
+    class_counts: Counter = field(default_factory=Counter)
+    sizes: dict = field(default_factory=lambda: {"LR": Counter(), "HR": Counter(),
+                                                 "test": Counter()})
+    problems: dict = field(default_factory=dict)   # kind -> list of messages
+
+    def add(self, kind: str, message: str) -> None:
+        self.problems.setdefault(kind, []).append(message)
+
+    @property
+    def problem_count(self) -> int:
+        return sum(len(messages) for messages in self.problems.values())
+
+
+def _decode_many(paths: list[Path], description: str) -> list:
+    """Decode every path; each result is the array, or the error message for that file."""
+
+    def decode(path: Path):
+        try:
+            return decode_image(path)
+        except ToolError as error:
+            return str(error)
+
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        return list(tqdm(pool.map(decode, paths), total=len(paths), desc=description,
+                         unit="img", leave=False))
+
+
+def _size(pixels: np.ndarray) -> tuple[int, int]:
+    return int(pixels.shape[1]), int(pixels.shape[0])
+
+
+def check_dataset(data_dir: Path, pair_tolerance: float = 16.0) -> Report:
+    data_dir = Path(data_dir)
+    table = read_train_table(data_dir)
+    report = Report(rows=len(table), class_counts=Counter(table["label"]))
+    for label, count in sorted(report.class_counts.items()):
+        if count < MIN_IMAGES_PER_CLASS:
+            report.add("labels", f"class {label!r} has {count} image(s); the stratified 8:1:1 "
+                                 f"split needs at least {MIN_IMAGES_PER_CLASS}")
+
+    lr_images = _decode_many([data_dir / p for p in table["img_path"]], "LR images")
+    hr_images = _decode_many([data_dir / p for p in table["upscale_img_path"]], "HR images")
+    for kind, images in (("LR", lr_images), ("HR", hr_images)):
+        for pixels in images:
+            if isinstance(pixels, str):
+                report.add("files", pixels)
+            else:
+                report.sizes[kind][_size(pixels)] += 1
+    for kind in ("LR", "HR"):
+        if len(report.sizes[kind]) > 1:
+            common = report.sizes[kind].most_common(1)[0][0]
+            report.add("sizes", f"{kind} images come in {len(report.sizes[kind])} sizes "
+                                f"(most are {common[0]}x{common[1]}); training needs one size")
+
+    for lr_path, hr_path, lr, hr in zip(table["img_path"], table["upscale_img_path"],
+                                        lr_images, hr_images):
+        if isinstance(lr, str) or isinstance(hr, str):
+            continue
+        problem = _pair_problem(lr, hr, pair_tolerance)
+        if problem:
+            report.add("pairs", f"{lr_path} / {hr_path}: {problem}")
+
+    try:
+        test_table = read_test_table(data_dir)
+    except ToolError as error:
+        report.add("test", str(error))
+    else:
+        report.test_rows = len(test_table)
+        duplicated = test_table["ID"][test_table["ID"].duplicated()]
+        if len(duplicated):
+            report.add("test", f"test.csv: {len(duplicated)} duplicate ID(s), "
+                               f"first {duplicated.iloc[0]}")
+        for pixels in _decode_many([data_dir / p for p in test_table["img_path"]], "test images"):
+            if isinstance(pixels, str):
+                report.add("files", pixels)
+            else:
+                report.sizes["test"][_size(pixels)] += 1
+        if report.sizes["LR"] and report.sizes["test"] \
+                and set(report.sizes["test"]) - set(report.sizes["LR"]):
+            report.add("sizes", f"test images are {_sizes_text(report.sizes['test'])} but LR "
+                                f"training images {_sizes_text(report.sizes['LR'])}")
+    return report
+
+
+def _pair_problem(lr: np.ndarray, hr: np.ndarray, tolerance: float) -> str | None:
+    """Why an LR image and its HR twin do not look like one sample, or None."""
+    (lr_h, lr_w), (hr_h, hr_w) = lr.shape[:2], hr.shape[:2]
+    if hr_h % lr_h or hr_w % lr_w or hr_h // lr_h != hr_w // lr_w or hr_h <= lr_h:
+        return (f"HR {hr_w}x{hr_h} is not the LR {lr_w}x{lr_h} scaled by one whole factor")
+    scale = hr_h // lr_h
+    shrunk = hr.reshape(lr_h, scale, lr_w, scale, 3).astype(np.float32).mean(axis=(1, 3))
+    difference = float(np.abs(shrunk - lr.astype(np.float32)).mean())
+    if difference > tolerance:
+        return (f"the HR image shrunk to LR size differs by {difference:.1f} grey levels on "
+                f"average (> {tolerance:g}): probably not the same sample")
+    return None
+
+
+def _sizes_text(sizes: Counter) -> str:
+    return ", ".join(f"{w}x{h}" for (w, h) in sorted(sizes))
+
+
+def print_report(report: Report, limit: int = 10) -> None:
+    print(f"train.csv: {report.rows} rows, {len(report.class_counts)} classes; "
+          f"test.csv: {report.test_rows} rows")
+    counts = sorted(report.class_counts.items(), key=lambda item: (-item[1], item[0]))
+    width = max((len(label) for label, _ in counts), default=5)
+    print("images per class:")
+    for label, count in counts:
+        print(f"  {label:<{width}}  {count}")
+    for kind in ("LR", "HR", "test"):
+        if report.sizes[kind]:
+            sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in report.sizes[kind].most_common())
+            print(f"{kind} image sizes: {sizes}")
+    if not report.problems:
+        print("no problems found")
+        return
+    print(f"{report.problem_count} problem(s):")
+    for kind, messages in report.problems.items():
+        print(f"  {kind}: {len(messages)}")
+        for message in messages[:limit]:
+            print(f"    {message}")
+        if len(messages) > limit:
+            print(f"    ... and {len(messages) - limit} more")

@@ -1,0 +1,150 @@
+"""Plumbing shared by every script: one-line errors, atomic writes, run folders, run records."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+class ToolError(Exception):
+    """A problem the user can fix (bad input, missing file, misuse).
+
+    Scripts print it as one line and exit with status 2; no traceback.
+    """
+
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a script's ``main`` and turn expected failures into one line and an exit code.
+
+    SIGTERM is treated like Ctrl-C so that a killed job gets the same clean stop.
+    """
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        sys.exit(main() or 0)
+    except ToolError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted: finished epochs are saved; rerun with --resume to continue",
+              file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+# --- atomic writes -------------------------------------------------------------------
+# Every result file is written to a temporary file beside it and renamed over the old one,
+# so a crash or a full disk mid-write leaves the previous good file in place.
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp_name)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: Path, frame) -> None:
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ToolError(f"{path}: file not found") from None
+    except json.JSONDecodeError as error:
+        raise ToolError(f"{path}: not valid JSON ({error})") from None
+
+
+# --- folders -------------------------------------------------------------------------
+
+def ensure_writable_dir(path: Path, flag: str = "--out-dir") -> Path:
+    """Create ``path`` if needed and prove we can write there, before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ToolError(f"cannot write to {flag} {path}: {error.strerror or error}") from None
+    return path
+
+
+def run_record(args: dict, extra: dict | None = None) -> dict:
+    """What ``config.json`` keeps: every argument, library versions, code version."""
+    import numpy
+    import torchvision
+
+    record = {
+        "args": args,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__,
+        },
+        "code_version": _git_commit(),
+        "host": platform.node(),
+    }
+    record.update(extra or {})
+    return record
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ToolError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ToolError(f"--device {name}: not a device name (try auto, cpu, cuda, cuda:1)") from None

@@ -1,0 +1,447 @@
+"""The DACON layout, the shared split, decoded images, batches and paired HR/LR views.
+
+Images are decoded once per dataset into ``uint8`` arrays cached under
+``<out-dir>/cache/`` and reused by every stage; epochs only index those arrays.
+Augmentation runs on whole batches (on the GPU when there is one) and draws one crop and
+one flip per sample that is applied to every resolution, so the teacher always sees the HR
+twin of exactly the view the student sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+from .cli import ToolError, read_json, write_csv, write_json
+
+TRAIN_COLUMNS = ("img_path", "upscale_img_path", "label")
+TEST_COLUMNS = ("ID", "img_path")
+SUBSETS = ("train", "val", "test")
+# 8:1:1 leaves a class of n images about n/10 validation and test images; below 10 one of
+# them would be empty and stratification impossible.
+MIN_IMAGES_PER_CLASS = 10
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESOLUTION_COLUMN = {"lr": "img_path", "hr": "upscale_img_path"}
+
+
+# --- the table -------------------------------------------------------------------------
+
+def read_table(csv_path: Path, required_columns) -> pd.DataFrame:
+    """Read a CSV as strings and check it has rows and the columns we need."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise ToolError(f"{csv_path}: file not found")
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ToolError(f"{csv_path}: file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ToolError(f"{csv_path}: not a readable CSV ({reason})") from None
+    table.columns = [str(column).strip() for column in table.columns]
+    missing = [column for column in required_columns if column not in table.columns]
+    if missing:
+        raise ToolError(f"{csv_path}: missing column(s) {', '.join(missing)} "
+                        f"(found: {', '.join(table.columns) or 'none'})")
+    if table.empty:
+        raise ToolError(f"{csv_path}: no rows")
+    table = table[list(required_columns)].apply(lambda column: column.str.strip())
+    for column in required_columns:
+        empty = table.index[table[column] == ""]
+        if len(empty):
+            raise ToolError(f"{csv_path}: empty {column} in row {empty[0] + 2}")
+    return table
+
+
+def normalize_path(relative: str) -> str:
+    """``./train/a.png`` and ``train/a.png`` name the same file."""
+    return PurePosixPath(relative.replace("\\", "/")).as_posix()
+
+
+def read_train_table(data_dir: Path) -> pd.DataFrame:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ToolError(f"data folder {data_dir} not found (pass --data-dir, or write the demo "
+                        f"data with: python make_demo_data.py)")
+    csv_path = data_dir / "train.csv"
+    table = read_table(csv_path, TRAIN_COLUMNS)
+    for column in ("img_path", "upscale_img_path"):
+        table[column] = table[column].map(normalize_path)
+        duplicated = table[column][table[column].duplicated()]
+        if len(duplicated):
+            raise ToolError(f"{csv_path}: {len(duplicated)} duplicate {column} value(s), "
+                            f"first {duplicated.iloc[0]}")
+    return table.reset_index(drop=True)
+
+
+def read_test_table(data_dir: Path) -> pd.DataFrame:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ToolError(f"data folder {data_dir} not found (pass --data-dir)")
+    table = read_table(data_dir / "test.csv", TEST_COLUMNS)
+    table["img_path"] = table["img_path"].map(normalize_path)
+    return table.reset_index(drop=True)
+
+
+# --- the split -------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    """The labelled rows with a ``subset`` column (train/val/test) and the class list."""
+
+    frame: pd.DataFrame
+    classes: list[str]
+    seed: int
+    fingerprint: str
+
+    def rows(self, subset: str) -> pd.DataFrame:
+        return self.frame[self.frame["subset"] == subset]
+
+    def indices(self, subset: str) -> np.ndarray:
+        """Positions of a subset's rows in ``frame`` (and so in the image cache)."""
+        return np.flatnonzero(self.frame["subset"].to_numpy() == subset)
+
+    def label_ids(self) -> np.ndarray:
+        lookup = {name: index for index, name in enumerate(self.classes)}
+        return self.frame["label"].map(lookup).to_numpy(dtype=np.int64)
+
+
+def table_fingerprint(frame: pd.DataFrame, columns) -> str:
+    digest = hashlib.sha256()
+    for row in frame[list(columns)].itertuples(index=False):
+        digest.update("\x1f".join(row).encode())
+        digest.update(b"\x1e")
+    return digest.hexdigest()[:16]
+
+
+def make_split(table: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Stratified 8:1:1 split of the labelled rows (train, val, test)."""
+    counts = table["label"].value_counts()
+    too_small = counts[counts < MIN_IMAGES_PER_CLASS]
+    if len(too_small):
+        label, count = too_small.index[0], int(too_small.iloc[0])
+        raise ToolError(f"class {label!r} has {count} image(s); a stratified 8:1:1 split needs "
+                        f"at least {MIN_IMAGES_PER_CLASS} per class "
+                        f"({len(too_small)} class(es) too small)")
+    positions = np.arange(len(table))
+    labels = table["label"].to_numpy()
+    train_pos, held_out = train_test_split(positions, test_size=0.2, stratify=labels,
+                                           random_state=seed)
+    val_pos, test_pos = train_test_split(held_out, test_size=0.5, stratify=labels[held_out],
+                                         random_state=seed)
+    subset = np.empty(len(table), dtype=object)
+    subset[train_pos], subset[val_pos], subset[test_pos] = "train", "val", "test"
+    return table.assign(subset=subset)
+
+
+def load_or_create_split(data_dir: Path, out_dir: Path, seed: int, quiet: bool = False) -> Split:
+    """Reuse ``<out-dir>/split.csv`` if present (checking it still matches the data),
+    otherwise split ``train.csv`` and save it, so every stage sees the same images."""
+    table = read_train_table(data_dir)
+    split_csv, split_json = Path(out_dir) / "split.csv", Path(out_dir) / "split.json"
+    data_fingerprint = table_fingerprint(table.sort_values("img_path"), TRAIN_COLUMNS)
+    if split_csv.exists():
+        saved = read_table(split_csv, (*TRAIN_COLUMNS, "subset"))
+        meta = read_json(split_json)
+        _check_split_matches(saved, table, split_csv, data_dir)
+        if meta.get("seed") != seed and not quiet:
+            print(f"note: reusing {split_csv} (made with seed {meta.get('seed')}); "
+                  f"--seed {seed} sets initialisation and data order only")
+        return Split(saved, list(meta["classes"]), int(meta["seed"]),
+                     meta.get("fingerprint", data_fingerprint))
+    frame = make_split(table, seed)
+    classes = sorted(frame["label"].unique())
+    counts = frame["subset"].value_counts()
+    write_csv(split_csv, frame)
+    write_json(split_json, {"seed": seed, "fingerprint": data_fingerprint, "classes": classes,
+                            "counts": {name: int(counts.get(name, 0)) for name in SUBSETS}})
+    if not quiet:
+        print(f"split {len(frame)} images of {len(classes)} classes into "
+              + ", ".join(f"{name} {counts.get(name, 0)}" for name in SUBSETS)
+              + f" (seed {seed}) -> {split_csv}")
+    return Split(frame, classes, seed, data_fingerprint)
+
+
+def _check_split_matches(saved: pd.DataFrame, table: pd.DataFrame, split_csv: Path,
+                         data_dir: Path) -> None:
+    saved_rows = dict(zip(saved["img_path"], zip(saved["upscale_img_path"], saved["label"])))
+    rows = dict(zip(table["img_path"], zip(table["upscale_img_path"], table["label"])))
+    added = rows.keys() - saved_rows.keys()
+    removed = saved_rows.keys() - rows.keys()
+    changed = [path for path in rows.keys() & saved_rows.keys() if rows[path] != saved_rows[path]]
+    if added or removed or changed:
+        raise ToolError(
+            f"{data_dir / 'train.csv'} no longer matches the saved split {split_csv} "
+            f"({len(added)} row(s) added, {len(removed)} removed, {len(changed)} changed); "
+            f"use a new --out-dir to split again")
+
+
+# --- decoding and the image cache ------------------------------------------------------
+
+def decode_image(path: Path) -> np.ndarray:
+    """Decode one image as an RGB ``uint8`` array (grey, RGBA and palette are converted)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"))
+    except FileNotFoundError:
+        raise ToolError(f"image not found: {path}") from None
+    except UnidentifiedImageError:
+        raise ToolError(f"not an image: {path}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ToolError(f"unreadable image {path} (truncated or corrupt: {error})") from None
+
+
+def _decode_all(paths: list[Path], target: np.ndarray, description: str) -> None:
+    """Decode ``paths`` into ``target`` (N, H, W, 3), checking every image has its size."""
+    height, width = target.shape[1:3]
+
+    def decode_into(position: int) -> None:
+        pixels = decode_image(paths[position])
+        if pixels.shape[:2] != (height, width):
+            raise ToolError(f"{paths[position]} is {pixels.shape[1]}x{pixels.shape[0]} but "
+                            f"{paths[0]} is {width}x{height}; all {description} images must "
+                            f"share one size (check_data.py lists them)")
+        target[position] = pixels
+
+    # PIL releases the GIL while decoding, so threads decode in parallel.
+    pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+    try:
+        for _ in tqdm(pool.map(decode_into, range(len(paths))), total=len(paths),
+                      desc=f"decoding {description} images", unit="img", leave=False):
+            pass
+    finally:
+        # On the first bad image, stop at once instead of decoding the rest.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _files_fingerprint(paths: list[Path]) -> str:
+    """Key of a cache: the ordered file list with each file's size and modification time."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise ToolError(f"image not found: {path}") from None
+        digest.update(f"{path}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\x1e".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_images(data_dir: Path, relative_paths, cache_dir: Path | None, description: str,
+                quiet: bool = False) -> np.ndarray:
+    """All images of one resolution as an (N, H, W, 3) ``uint8`` array, decoded once.
+
+    With ``cache_dir`` the array is kept in ``<cache_dir>/<description>-<key>.npy``, keyed
+    by the files' paths, sizes and modification times, and reused by later stages and runs.
+    A cache larger than half the available memory is memory-mapped instead of read in.
+    """
+    paths = [Path(data_dir) / relative for relative in relative_paths]
+    first = decode_image(paths[0])
+    shape = (len(paths), *first.shape)
+    if cache_dir is None:
+        pixels = np.empty(shape, dtype=np.uint8)
+        _decode_all(paths, pixels, description)
+        return pixels
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_file = cache_dir / f"{description}-{_files_fingerprint(paths)}.npy"
+    size = math.prod(shape)
+    if not cache_file.exists():
+        free = shutil.disk_usage(cache_dir).free
+        if free < size * 1.05:
+            if not quiet:
+                print(f"note: {cache_dir} has {free / 2**30:.1f} GiB free, the {description} "
+                      f"cache needs {size / 2**30:.1f} GiB: decoding into memory only")
+            pixels = np.empty(shape, dtype=np.uint8)
+            _decode_all(paths, pixels, description)
+            return pixels
+        partial = cache_file.with_suffix(".partial.npy")
+        pixels = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        try:
+            _decode_all(paths, pixels, description)
+            pixels.flush()
+        except BaseException:
+            del pixels
+            partial.unlink(missing_ok=True)
+            raise
+        del pixels
+        os.replace(partial, cache_file)
+        if not quiet:
+            print(f"cached {len(paths)} {description} images "
+                  f"({size / 2**20:.0f} MiB) -> {cache_file}")
+    available = _available_memory()
+    if available is not None and size > available / 2:
+        if not quiet:
+            print(f"note: the {description} cache ({size / 2**30:.1f} GiB) is more than half "
+                  f"the available memory ({available / 2**30:.1f} GiB): reading it from disk "
+                  f"(memory-mapped); epochs will be slower")
+        return np.load(cache_file, mmap_mode="r")
+    return np.load(cache_file)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of the split, per resolution, aligned with ``split.frame``."""
+
+    split: Split
+    pixels: dict[str, np.ndarray]   # "lr"/"hr" -> (N, H, W, 3) uint8
+    labels: np.ndarray              # (N,) class ids
+
+    @classmethod
+    def load(cls, split: Split, data_dir: Path, resolutions, cache_dir: Path | None,
+             quiet: bool = False) -> "ImageSet":
+        pixels = {}
+        for resolution in resolutions:
+            column = RESOLUTION_COLUMN[resolution]
+            pixels[resolution] = load_images(data_dir, split.frame[column].tolist(), cache_dir,
+                                             resolution.upper(), quiet=quiet)
+        if "lr" in pixels and "hr" in pixels:
+            check_pair_sizes(pixels["lr"].shape[1:3], pixels["hr"].shape[1:3])
+        return cls(split, pixels, split.label_ids())
+
+    def image_size(self, resolution: str) -> int:
+        return int(self.pixels[resolution].shape[1])
+
+
+def check_pair_sizes(lr_size, hr_size) -> None:
+    """The HR twin must be the LR image scaled by one whole factor (4 on DACON)."""
+    lr_h, lr_w = lr_size
+    hr_h, hr_w = hr_size
+    if hr_h % lr_h or hr_w % lr_w or hr_h // lr_h != hr_w // lr_w or hr_h <= lr_h:
+        raise ToolError(f"HR images are {hr_w}x{hr_h} and LR images {lr_w}x{lr_h}: the HR twin "
+                        f"must be the LR image scaled up by one whole factor (4 on DACON); "
+                        f"are upscale_img_path and img_path swapped or from other samples?")
+
+
+# --- batches ---------------------------------------------------------------------------
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """One generator per (seed, epoch): data order and augmentation of an epoch do not
+    depend on what ran before it, so a resumed run repeats an interrupted one exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def batch_indices(indices: np.ndarray, batch_size: int, generator: torch.Generator | None,
+                  drop_last: bool = False) -> list[np.ndarray]:
+    """Split ``indices`` into batches, shuffled when a generator is given."""
+    order = indices
+    if generator is not None:
+        order = indices[torch.randperm(len(indices), generator=generator).numpy()]
+    stop = len(order) - len(order) % batch_size if drop_last and len(order) > batch_size \
+        else len(order)
+    return [order[start:start + batch_size] for start in range(0, stop, batch_size)]
+
+
+def gather_batch(images: ImageSet, index: np.ndarray, resolutions, pin: bool) -> dict:
+    """Host tensors for one batch: ``uint8`` images (N, 3, H, W) per resolution, labels."""
+    index = np.sort(index) if isinstance(images.pixels.get("hr"), np.memmap) else index
+    batch = {}
+    for resolution in resolutions:
+        pixels = torch.from_numpy(np.ascontiguousarray(images.pixels[resolution][index]))
+        pixels = pixels.permute(0, 3, 1, 2)
+        batch[resolution] = pixels.pin_memory() if pin else pixels
+    labels = torch.from_numpy(images.labels[index])
+    batch["labels"] = labels.pin_memory() if pin else labels
+    return batch
+
+
+def iterate_batches(images: ImageSet, batches: list[np.ndarray], resolutions, device):
+    """Yield batches on ``device``; the next batch is gathered while this one is used."""
+    pin = device.type == "cuda"
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(gather_batch, images, batches[0], resolutions, pin) \
+            if batches else None
+        for position in range(len(batches)):
+            batch = pending.result()
+            if position + 1 < len(batches):
+                pending = pool.submit(gather_batch, images, batches[position + 1],
+                                      resolutions, pin)
+            yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+# --- paired views ----------------------------------------------------------------------
+
+@dataclass
+class ViewParams:
+    """One random crop and flip per sample, in coordinates relative to the image, so the
+    same parameters cut the same region out of the LR image and its HR twin."""
+
+    centre: torch.Tensor   # (B, 2) crop centre, x and y, in [-1, 1]
+    extent: torch.Tensor   # (B, 2) crop half-width and half-height, in (0, 1]
+    flip: torch.Tensor     # (B,) True where the view is mirrored left-right
+
+
+def sample_view_params(batch_size: int, generator: torch.Generator, hflip: bool,
+                       crop_scale: float, crop_ratio=(3 / 4, 4 / 3)) -> ViewParams:
+    """RandomResizedCrop-style parameters: area fraction in [crop_scale, 1], aspect ratio
+    in ``crop_ratio`` (log-uniform), position uniform inside the image."""
+    uniform = lambda *shape: torch.rand(shape, generator=generator)  # noqa: E731
+    area = crop_scale + (1 - crop_scale) * uniform(batch_size)
+    log_low, log_high = math.log(crop_ratio[0]), math.log(crop_ratio[1])
+    ratio = torch.exp(log_low + (log_high - log_low) * uniform(batch_size))
+    extent = torch.stack([torch.sqrt(area * ratio), torch.sqrt(area / ratio)], 1).clamp(max=1)
+    centre = (2 * uniform(batch_size, 2) - 1) * (1 - extent)
+    flip = uniform(batch_size) < 0.5 if hflip else torch.zeros(batch_size, dtype=torch.bool)
+    return ViewParams(centre, extent, flip)
+
+
+def make_view(pixels: torch.Tensor, size: int, params: ViewParams | None) -> torch.Tensor:
+    """Crop, flip and resize a ``uint8`` batch (B, 3, H, W) to ``size`` and normalise it.
+
+    ``params=None`` gives the evaluation view: the whole image, resized.
+    """
+    images = pixels.float().div_(255)
+    # Sampling a much larger image bilinearly would alias; an integer box filter first
+    # brings it within 2x of the output size (256 -> 128 for a 112-pixel input, say).
+    shrink = images.shape[-1] // (2 * size)
+    if shrink >= 2:
+        images = F.avg_pool2d(images, shrink)
+    if params is None:
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear",
+                                   align_corners=False)
+    else:
+        theta = torch.zeros(len(images), 2, 3, device=images.device)
+        sign = 1 - 2 * params.flip.to(images.device, torch.float32)
+        theta[:, 0, 0] = params.extent[:, 0].to(images.device) * sign
+        theta[:, 1, 1] = params.extent[:, 1].to(images.device)
+        theta[:, :, 2] = params.centre.to(images.device)
+        grid = F.affine_grid(theta, [len(images), 3, size, size], align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                               align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def make_views(batch: dict, sizes: dict[str, int], params: ViewParams | None) -> dict:
+    """Views of every resolution in ``sizes`` (``{"lr": 224, "hr": 224}``) from one set of
+    crop/flip parameters, so the views stay paired."""
+    return {resolution: make_view(batch[resolution], size, params)
+            for resolution, size in sizes.items()}

@@ -1,0 +1,103 @@
+"""A small synthetic dataset in the DACON layout, for the demo and the tests.
+
+Each image is a "bird": an ellipse on a noisy, shaded background. Its class is a colour
+(5 groups) crossed with a fine stripe texture (5 patterns), so 25 classes as in DACON.
+The colour survives downsampling; the stripes, 1.5 LR pixels per period, mostly do not: the LR
+image is the HR image box-filtered by the scale factor, which averages most of the texture
+away. So an HR teacher can tell all 25 classes apart, an LR student mainly the colour
+group, and the teacher's soft targets carry what the LR image half-shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+COLOURS = {"red": (200, 60, 50), "green": (60, 160, 70), "blue": (60, 90, 200),
+           "yellow": (215, 190, 60), "purple": (140, 70, 170)}
+TEXTURES = ("horizontal", "vertical", "diagonal", "antidiagonal", "checker")
+
+
+def class_names() -> list[str]:
+    return [f"{colour}_{texture}" for colour in COLOURS for texture in TEXTURES]
+
+
+def render_hr(rng: np.random.Generator, size: int, colour: str, texture: str,
+              scale: int) -> np.ndarray:
+    """One HR image (size x size x 3, uint8) of the given class."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    # Background: a random muted colour with a gentle gradient.
+    base = rng.uniform(90, 170, 3)
+    slope = rng.uniform(-40, 40, (2, 3)) / size
+    image = base + x[..., None] * slope[0] + y[..., None] * slope[1]
+
+    # The bird: a rotated ellipse.
+    centre = rng.uniform(0.38, 0.62, 2) * size
+    axes = rng.uniform(0.22, 0.34, 2) * size
+    angle = rng.uniform(0, np.pi)
+    dx, dy = x - centre[0], y - centre[1]
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / axes[0]
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / axes[1]
+    body = (u ** 2 + v ** 2) <= 1
+
+    # The texture: stripes about 1.5 LR pixels per period (6 HR pixels at scale 4), finer
+    # than the LR grid can hold, so downsampling leaves mostly blur and aliasing.
+    period = 1.5 * scale * rng.uniform(0.9, 1.1)
+    phase = rng.uniform(0, 2 * np.pi)
+    wave = lambda t: np.cos(2 * np.pi * t / period + phase) > 0  # noqa: E731
+    pattern = {"horizontal": wave(y), "vertical": wave(x), "diagonal": wave((x + y) / np.sqrt(2)),
+               "antidiagonal": wave((x - y) / np.sqrt(2)),
+               "checker": wave(x) ^ wave(y)}[texture]
+    tone = np.array(COLOURS[colour]) + rng.normal(0, 12, 3)
+    bird = tone * np.where(pattern, 1.15, 0.7)[..., None]
+    image = np.where(body[..., None], bird, image)
+    image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
+    """Box filter: each LR pixel is the mean of its scale x scale HR block."""
+    size = hr.shape[0] // scale
+    blocks = hr.reshape(size, scale, size, scale, 3).astype(np.float32)
+    return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
+
+
+def write_demo_dataset(out_dir: Path, per_class: int = 32, test_images: int = 50,
+                       lr_size: int = 16, scale: int = 4, seed: int = 0,
+                       num_classes: int = 25, progress: bool = True) -> Path:
+    """Write train.csv, test.csv, train/, upscale_train/, test/ under ``out_dir``.
+
+    Deterministic for a seed. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    classes = class_names()[:num_classes]
+    rng = np.random.default_rng(seed)
+    for folder in ("train", "upscale_train", "test"):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    hr_size = lr_size * scale
+    rows = []
+    jobs = [(label, index) for index in range(per_class) for label in classes]
+    for number, (label, _) in enumerate(tqdm(jobs, desc="demo train images", leave=False,
+                                             disable=not progress)):
+        colour, texture = label.split("_")
+        hr = render_hr(rng, hr_size, colour, texture, scale)
+        name = f"TRAIN_{number:05d}.png"
+        Image.fromarray(hr).save(out_dir / "upscale_train" / name)
+        Image.fromarray(downsample(hr, scale)).save(out_dir / "train" / name)
+        rows.append({"img_path": f"./train/{name}", "upscale_img_path": f"./upscale_train/{name}",
+                     "label": label})
+    pd.DataFrame(rows).to_csv(out_dir / "train.csv", index=False)
+
+    test_rows = []
+    for number in range(test_images):
+        colour, texture = classes[rng.integers(len(classes))].split("_")
+        name = f"TEST_{number:05d}.png"
+        Image.fromarray(downsample(render_hr(rng, hr_size, colour, texture, scale), scale)).save(
+            out_dir / "test" / name)
+        test_rows.append({"ID": f"TEST_{number:05d}", "img_path": f"./test/{name}"})
+    pd.DataFrame(test_rows).to_csv(out_dir / "test.csv", index=False)
+    return out_dir

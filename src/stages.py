@@ -1,0 +1,406 @@
+"""The bodies of the train/test scripts. Each top-level script names its stage and calls
+``train_main`` or ``test_main``; everything else is shared here.
+
+Stages and what each trains on:
+    teacher     HR images (upscale_img_path), hard labels
+    student     LR images (img_path), hard labels             (the baseline)
+    kd_student  LR images, hard labels + the frozen teacher's soft targets on the HR twin
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, \
+    write_csv, write_json
+from .data import ImageSet, load_or_create_split
+from .distill import HardLabels, VanillaKD
+from .models import TESTED_ARCHS, build_model, load_checkpoint
+from .plots import plot_comparison, plot_curves
+from .trainer import FitConfig, Runtime, evaluate, fit, run_status
+
+STAGES = {
+    "teacher": {"resolution": "hr", "title": "HR teacher"},
+    "student": {"resolution": "lr", "title": "LR baseline student"},
+    "kd_student": {"resolution": "lr", "title": "LR KD student"},
+}
+# Settings that must agree between the baseline and the KD student for their comparison to
+# mean anything (same split is enforced separately, through split.csv).
+COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", "lr",
+                       "weight_decay", "patience", "lr_patience", "lr_factor", "min_lr",
+                       "monitor", "seed", "hflip", "crop_scale")
+# Arguments that may differ between a run and its --resume.
+RESUME_FREE = {"resume", "overwrite", "device", "compile"}
+
+
+# --- arguments -------------------------------------------------------------------------
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="folder holding train.csv, test.csv, train/, upscale_train/, "
+                             "test/ (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs"),
+                        help="run folder: split.csv, the image cache and one sub-folder per "
+                             "stage (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images per batch (default: %(default)s)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="decode images into memory for this run only instead of using "
+                             "the decoded-image cache in <out-dir>/cache")
+    parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                        help="bf16 autocast; auto = on with CUDA, off on the CPU "
+                             "(default: %(default)s)")
+    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                        help="channels-last memory format; auto = on with CUDA "
+                             "(default: %(default)s)")
+
+
+def train_parser(stage: str) -> argparse.ArgumentParser:
+    spec = STAGES[stage]
+    parser = argparse.ArgumentParser(
+        description=f"Train the {spec['title']} on the shared split; writes "
+                    f"<out-dir>/{stage}/ (best.pt, last.pt, history.csv, config.json, "
+                    f"train_summary.json).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default="resnet50",
+                       help=f"torchvision classifier ({', '.join(TESTED_ARCHS)} are tested; "
+                            f"any torchvision classification model name works)")
+    model.add_argument("--weights", default="imagenet",
+                       help="imagenet (torchvision's ImageNet weights), none (random init, "
+                            "train from scratch) or the path of a state dict to start from")
+    model.add_argument("--input-size", type=int, default=224,
+                       help="network input size in pixels; images are resized to it "
+                            "(an upsampled 64x64 image suits an ImageNet network far better "
+                            "than a raw one)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=30, help="maximum number of epochs")
+    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    train.add_argument("--lr-factor", type=float, default=0.5,
+                       help="ReduceLROnPlateau: multiply the learning rate by this when the "
+                            "validation loss stalls")
+    train.add_argument("--lr-patience", type=int, default=2,
+                       help="ReduceLROnPlateau: epochs without validation-loss improvement "
+                            "before the learning rate drops")
+    train.add_argument("--min-lr", type=float, default=1e-7,
+                       help="ReduceLROnPlateau: lower bound of the learning rate")
+    train.add_argument("--patience", type=int, default=5,
+                       help="early stopping: epochs without improvement of --monitor")
+    train.add_argument("--monitor", choices=("val_loss", "val_acc"), default="val_loss",
+                       help="what selects the best checkpoint and drives early stopping")
+    train.add_argument("--no-hflip", dest="hflip", action="store_false",
+                       help="disable random horizontal flips")
+    train.add_argument("--crop-scale", type=float, default=0.75,
+                       help="random resized crop: smallest area fraction kept (1 = no crop)")
+    train.add_argument("--seed", type=int, default=0,
+                       help="fixes the split (when it is first made), initialisation, data "
+                            "order and augmentation")
+    train.add_argument("--deterministic", action="store_true",
+                       help="also force deterministic algorithms (slower on GPU)")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (faster epochs on GPU after a slow "
+                            "first one)")
+    runs = parser.add_argument_group("run folder")
+    runs.add_argument("--resume", action="store_true",
+                      help="continue this stage from <out-dir>/<stage>/last.pt with the "
+                           "same settings")
+    runs.add_argument("--overwrite", action="store_true",
+                      help="delete this stage's earlier results and start again")
+    if stage == "kd_student":
+        kd = parser.add_argument_group("distillation")
+        kd.add_argument("--teacher-ckpt", type=Path, default=None,
+                        help="teacher checkpoint (default: <out-dir>/teacher/best.pt); the "
+                             "teacher is frozen and sees the HR twin of the student's view")
+        kd.add_argument("--temperature", type=float, default=4.0,
+                        help="softmax temperature T of the soft targets")
+        kd.add_argument("--alpha", type=float, default=0.7,
+                        help="weight of the hard-label cross-entropy")
+        kd.add_argument("--beta", type=float, default=0.3,
+                        help="weight of T^2 * KL(teacher_T || student_T)")
+    return parser
+
+
+def test_parser(stage: str) -> argparse.ArgumentParser:
+    spec = STAGES[stage]
+    parser = argparse.ArgumentParser(
+        description=f"Evaluate the {spec['title']}'s best checkpoint on the test third of "
+                    f"the split; writes <out-dir>/{stage}/test_metrics.json and "
+                    f"test_predictions.csv. When all three stages are tested, also prints "
+                    f"the comparison and writes the figures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common_arguments(parser)
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help=f"checkpoint to evaluate (default: <out-dir>/{stage}/best.pt)")
+    parser.add_argument("--assets-dir", type=Path, default=Path("assets"),
+                        help="where the comparison figures are written")
+    return parser
+
+
+# --- training --------------------------------------------------------------------------
+
+def _check_arguments(args) -> None:
+    positive = {"--batch-size": args.batch_size, "--epochs": getattr(args, "epochs", 1),
+                "--input-size": getattr(args, "input_size", 1),
+                "--patience": getattr(args, "patience", 1)}
+    for flag, value in positive.items():
+        if value < 1:
+            raise ToolError(f"{flag} must be at least 1 (got {value})")
+    if hasattr(args, "crop_scale") and not 0 < args.crop_scale <= 1:
+        raise ToolError(f"--crop-scale must be in (0, 1] (got {args.crop_scale})")
+    if hasattr(args, "temperature") and args.temperature <= 0:
+        raise ToolError(f"--temperature must be positive (got {args.temperature})")
+
+
+def _runtime(args, device: torch.device) -> Runtime:
+    cuda = device.type == "cuda"
+    choose = lambda setting: cuda if setting == "auto" else setting == "on"  # noqa: E731
+    return Runtime(device=device, amp=choose(args.amp), channels_last=choose(args.channels_last))
+
+
+def _prepare_stage_dir(stage_dir: Path, args) -> str:
+    """Refuse to run over earlier results unless told; returns what the folder holds."""
+    status = run_status(stage_dir)
+    if args.resume and args.overwrite:
+        raise ToolError("--resume and --overwrite contradict each other; give one")
+    if args.resume and status == "none":
+        raise ToolError(f"--resume: nothing to resume in {stage_dir} (no last.pt)")
+    if status != "none" and not (args.resume or args.overwrite):
+        raise ToolError(f"{stage_dir} already holds a {status} run; pass --resume to continue "
+                        f"it or --overwrite to replace it")
+    if args.overwrite and stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    return status
+
+
+def _check_resume_settings(stage_dir: Path, args_dict: dict) -> dict:
+    config = read_json(stage_dir / "config.json")
+    saved = config.get("args", {})
+    differences = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {value!r}"
+                   for key, value in args_dict.items()
+                   if key not in RESUME_FREE and saved.get(key) != value]
+    if differences:
+        raise ToolError(f"--resume with other settings than the saved run "
+                        f"({'; '.join(differences)}); resume with the saved settings or "
+                        f"use --overwrite")
+    return config
+
+
+def _jsonable(args: argparse.Namespace) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(args).items()}
+
+
+def train_main(stage: str, argv=None) -> int:
+    args = train_parser(stage).parse_args(argv)
+    _check_arguments(args)
+    resolution = STAGES[stage]["resolution"]
+    out_dir = ensure_writable_dir(args.out_dir)
+    stage_dir = out_dir / stage
+    if stage == "kd_student" and args.teacher_ckpt is None:
+        args.teacher_ckpt = out_dir / "teacher" / "best.pt"
+    args_dict = _jsonable(args)
+    status = _prepare_stage_dir(stage_dir, args)
+    if status == "finished":
+        print(f"{stage_dir} holds a finished run; nothing to resume "
+              f"(use --overwrite to train again)")
+        return 0
+    config = _check_resume_settings(stage_dir, args_dict) if args.resume else None
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    device = pick_device(args.device)
+    runtime = _runtime(args, device)
+
+    split = load_or_create_split(args.data_dir, out_dir, args.seed)
+    view_sizes = {resolution: args.input_size}
+    teacher_meta = None
+    if stage == "kd_student":
+        # Load (and so check) the teacher before the slow image decoding.
+        teacher, teacher_meta = load_checkpoint(args.teacher_ckpt, classes=split.classes,
+                                                what="teacher checkpoint")
+        if teacher_meta.get("resolution") != "hr":
+            raise ToolError(f"teacher checkpoint {args.teacher_ckpt} was trained on "
+                            f"{str(teacher_meta.get('resolution')).upper()} images; the KD "
+                            f"teacher must be an HR model (train_teacher.py)")
+        view_sizes["hr"] = int(teacher_meta["input_size"])
+    model = build_model(args.arch, len(split.classes), args.weights)
+    cache_dir = None if args.no_cache else out_dir / "cache"
+    images = ImageSet.load(split, args.data_dir, sorted(view_sizes), cache_dir)
+
+    if stage == "kd_student":
+        objective = VanillaKD(model, teacher, args.alpha, args.beta, args.temperature)
+    else:
+        objective = HardLabels(model, resolution)
+    objective.to(device)
+    if runtime.channels_last:
+        objective.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.compile()
+
+    record = run_record(args_dict, {
+        "stage": stage, "device": _device_name(device),
+        "split": {"seed": split.seed, "fingerprint": split.fingerprint,
+                  "classes": len(split.classes)},
+        "image_sizes": {key: images.image_size(key) for key in images.pixels},
+        "teacher": {"checkpoint": str(args.teacher_ckpt), "arch": teacher_meta["arch"],
+                    "input_size": teacher_meta["input_size"]} if teacher_meta else None,
+    })
+    if config is not None:
+        record["resumed"] = config.get("resumed", []) + [record.pop("command")]
+        record["command"] = config.get("command")
+    write_json(stage_dir / "config.json", record)
+
+    print(f"{STAGES[stage]['title']}: {args.arch} ({args.weights} weights) on "
+          f"{resolution.upper()} {images.image_size(resolution)}px -> {args.input_size}px, "
+          f"{len(split.indices('train'))} train / {len(split.indices('val'))} val images, "
+          f"{_device_name(device)}")
+    cfg = FitConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, lr_factor=args.lr_factor, lr_patience=args.lr_patience,
+        min_lr=args.min_lr, patience=args.patience, monitor=args.monitor, hflip=args.hflip,
+        crop_scale=args.crop_scale, seed=args.seed, amp=runtime.amp,
+        channels_last=runtime.channels_last, view_sizes=view_sizes)
+    meta = {"stage": stage, "arch": args.arch, "classes": split.classes,
+            "resolution": resolution, "input_size": args.input_size,
+            "image_size": images.image_size(resolution), "seed": args.seed,
+            "split_fingerprint": split.fingerprint}
+    summary = fit(objective, images, cfg, stage_dir, runtime, meta, resume=args.resume)
+    print(f"done: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
+          f"({summary['train_seconds']:.0f}s) -> {stage_dir / 'best.pt'}")
+    return 0
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "CPU"
+
+
+# --- testing ---------------------------------------------------------------------------
+
+def test_main(stage: str, argv=None) -> int:
+    args = test_parser(stage).parse_args(argv)
+    _check_arguments(args)
+    out_dir = Path(args.out_dir)
+    stage_dir = out_dir / stage
+    if not (out_dir / "split.csv").exists():
+        raise ToolError(f"no split in {out_dir} (split.csv); train the stages first")
+    split = load_or_create_split(args.data_dir, out_dir, seed=-1, quiet=True)
+    ckpt = args.ckpt or stage_dir / "best.pt"
+    model, meta = load_checkpoint(ckpt, classes=split.classes, what=f"{stage} checkpoint")
+    resolution = meta["resolution"]
+    device = pick_device(args.device)
+    runtime = _runtime(args, device)
+    cache_dir = None if args.no_cache else ensure_writable_dir(out_dir) / "cache"
+    images = ImageSet.load(split, args.data_dir, [resolution], cache_dir)
+    objective = HardLabels(model, resolution).to(device)
+    test_idx = split.indices("test")
+    result = evaluate(objective, images, test_idx, {resolution: meta["input_size"]},
+                      args.batch_size, runtime, description=f"testing {stage}")
+
+    predictions = result["logits"].argmax(1).numpy()
+    confidence = result["logits"].softmax(1).max(1).values.numpy()
+    rows = split.frame.iloc[test_idx]
+    write_csv(stage_dir / "test_predictions.csv", pd.DataFrame({
+        "img_path": rows["img_path"].to_numpy(), "label": rows["label"].to_numpy(),
+        "prediction": [split.classes[index] for index in predictions],
+        "confidence": confidence.round(6)}))
+    metrics = {"stage": stage, "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+               "n": result["n"], "loss": result["loss"], "checkpoint": str(ckpt),
+               "arch": meta["arch"], "resolution": resolution,
+               "image_size": meta.get("image_size"), "input_size": meta["input_size"],
+               "best_epoch": meta.get("epoch"), "split_fingerprint": split.fingerprint}
+    write_json(stage_dir / "test_metrics.json", metrics)
+    print(f"{STAGES[stage]['title']}: test accuracy {100 * metrics['accuracy']:.2f}%  "
+          f"macro-F1 {100 * metrics['macro_f1']:.2f}%  (n={metrics['n']}) "
+          f"-> {stage_dir / 'test_metrics.json'}")
+    compare_stages(out_dir, args.assets_dir)
+    return 0
+
+
+def compare_stages(out_dir: Path, assets_dir: Path) -> dict | None:
+    """When all three stages are tested: the comparison table, comparison.json, figures."""
+    metrics_files = {stage: Path(out_dir) / stage / "test_metrics.json" for stage in STAGES}
+    if not all(path.exists() for path in metrics_files.values()):
+        missing = [stage for stage, path in metrics_files.items() if not path.exists()]
+        print(f"(comparison after the remaining test stage(s): {', '.join(missing)})")
+        return None
+    metrics = {stage: read_json(path) for stage, path in metrics_files.items()}
+    fingerprints = {m.get("split_fingerprint") for m in metrics.values()}
+    if len(fingerprints) != 1:
+        raise ToolError(f"the test metrics in {out_dir} come from different splits; "
+                        f"rerun the test scripts")
+    warnings = _comparability_warnings(out_dir)
+
+    print()
+    print(f"{'model':<22}{'input':<16}{'accuracy':>10}{'macro-F1':>10}{'n':>7}")
+    for stage, m in metrics.items():
+        size = f"{m['resolution'].upper()} {m['image_size']}->{m['input_size']}"
+        print(f"{STAGES[stage]['title']:<22}{size:<16}{100 * m['accuracy']:>9.2f}%"
+              f"{100 * m['macro_f1']:>9.2f}%{m['n']:>7}")
+    teacher, baseline, kd = metrics["teacher"], metrics["student"], metrics["kd_student"]
+    gain = kd["accuracy"] - baseline["accuracy"]
+    gap = teacher["accuracy"] - baseline["accuracy"]
+    print(f"KD - baseline: {100 * gain:+.2f} points accuracy, "
+          f"{100 * (kd['macro_f1'] - baseline['macro_f1']):+.2f} points macro-F1"
+          + (f"; {100 * gain / gap:.0f}% of the teacher-baseline gap closed" if gap > 0 else ""))
+    print(f"(one run each on {baseline['n']} test images: differences of a point or two can be "
+          f"run-to-run noise)")
+    for warning in warnings:
+        print(f"warning: {warning}")
+
+    comparison = {"models": metrics, "kd_minus_baseline": {
+        "accuracy": gain, "macro_f1": kd["macro_f1"] - baseline["macro_f1"]},
+        "comparable": not warnings, "warnings": warnings}
+    write_json(Path(out_dir) / "comparison.json", comparison)
+    assets_dir = ensure_writable_dir(assets_dir, "--assets-dir")
+    written = [plot_comparison({STAGES[s]["title"]: m for s, m in metrics.items()},
+                               assets_dir / "test_accuracy_comparison.png")]
+    histories = {"baseline (hard labels)": Path(out_dir) / "student" / "history.csv",
+                 "KD student": Path(out_dir) / "kd_student" / "history.csv"}
+    if all(path.exists() for path in histories.values()):
+        frames = {name: pd.read_csv(path) for name, path in histories.items()}
+        for split_name, prefix in (("train", "train"), ("val", "val")):
+            for kind, column, label in (("acc", f"{prefix}_acc", "accuracy"),
+                                        ("loss", f"{prefix}_loss" if prefix == "val"
+                                         else "train_ce", "cross-entropy")):
+                path = assets_dir / f"kd_vs_hard_{split_name}_{kind}.png"
+                plot_curves(frames, column, f"{split_name} {label}", path)
+                written.append(path)
+    print("figures: " + ", ".join(str(path) for path in written))
+    return comparison
+
+
+def _comparability_warnings(out_dir: Path) -> list[str]:
+    configs = {}
+    for stage in ("student", "kd_student"):
+        path = Path(out_dir) / stage / "config.json"
+        if path.exists():
+            configs[stage] = read_json(path).get("args", {})
+    if len(configs) < 2:
+        return ["no config.json for both students; cannot confirm like-for-like settings"]
+    differing = [f"{key} ({configs['student'].get(key)!r} vs "
+                 f"{configs['kd_student'].get(key)!r})"
+                 for key in COMPARABLE_SETTINGS
+                 if configs["student"].get(key) != configs["kd_student"].get(key)]
+    if differing:
+        return ["baseline and KD student were trained with different settings: "
+                + ", ".join(differing)]
+    return []

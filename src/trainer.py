@@ -1,0 +1,259 @@
+"""``fit``: AdamW, ReduceLROnPlateau on validation loss, early stopping, best checkpoint,
+per-epoch history, and ``--resume`` that restores everything (model, optimizer, scheduler,
+early-stopping state, history, random-number states).
+
+Files in a stage folder:
+    best.pt             the best model so far (what the test scripts evaluate)
+    last.pt             everything needed to resume; rewritten after every epoch
+    history.csv         one row per epoch
+    train_summary.json  written when the stage finished (early stop or last epoch)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .cli import ToolError, save_torch, write_csv, write_json
+from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
+    sample_view_params
+from .metrics import classification_metrics
+from .models import save_checkpoint
+
+
+@dataclass
+class FitConfig:
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    lr_factor: float
+    lr_patience: int
+    min_lr: float
+    patience: int
+    monitor: str              # "val_loss" (lower is better) or "val_acc"
+    hflip: bool
+    crop_scale: float         # smallest crop area fraction; 1 disables cropping
+    seed: int
+    amp: bool                 # bf16 autocast (CUDA)
+    channels_last: bool
+    view_sizes: dict          # resolution -> network input size, e.g. {"lr": 224}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp: bool
+    channels_last: bool
+
+    def autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def prepare(self, views: dict) -> dict:
+        if self.channels_last:
+            return {key: view.contiguous(memory_format=torch.channels_last)
+                    for key, view in views.items()}
+        return views
+
+
+def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg: FitConfig,
+                    generator: torch.Generator, optimizer, runtime: Runtime,
+                    description: str) -> dict:
+    """One pass over ``batches``; returns mean loss terms, raw cross-entropy and accuracy."""
+    objective.train()
+    sums = defaultdict(lambda: torch.zeros((), device=runtime.device))
+    seen = 0
+    progress = tqdm(iterate_batches(images, batches, view_sizes, runtime.device),
+                    total=len(batches), desc=description, unit="batch", leave=False)
+    for step, batch in enumerate(progress):
+        labels = batch["labels"]
+        params = sample_view_params(len(labels), generator, cfg.hflip, cfg.crop_scale)
+        with torch.no_grad():
+            views = runtime.prepare(make_views(batch, view_sizes, params))
+        with runtime.autocast():
+            logits, terms = objective(views, labels)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        with torch.no_grad():
+            count = len(labels)
+            seen += count
+            sums["loss"] += loss.detach() * count
+            for name, term in terms.items():
+                sums[f"loss_{name}"] += term.detach() * count
+            sums["ce"] += F.cross_entropy(logits.detach().float(), labels) * count
+            sums["correct"] += (logits.argmax(1) == labels).sum()
+        if step % 20 == 0 or step == len(batches) - 1:
+            # Reading the loss back synchronises the device, so only every 20 steps.
+            running = sums["loss"].item() / seen
+            _check_finite(running, description, step)
+            progress.set_postfix(loss=f"{running:.4f}")
+    means = {name: (value / seen).item() for name, value in sums.items() if name != "correct"}
+    means["acc"] = sums["correct"].item() / seen
+    return means
+
+
+def _check_finite(value: float, description: str, step: int) -> None:
+    if not math.isfinite(value):
+        raise ToolError(f"training loss became {value} in {description} (step {step}); stopped, "
+                        f"the last good checkpoint is kept; try a lower --lr")
+
+
+@torch.no_grad()
+def evaluate(objective, images: ImageSet, indices: np.ndarray, view_sizes: dict,
+             batch_size: int, runtime: Runtime, description: str = "evaluating") -> dict:
+    """Cross-entropy, accuracy and macro-F1 on ``indices`` (whole images, no augmentation).
+
+    Also returns ``logits`` (N, classes) and ``labels`` for the caller to keep.
+    """
+    objective.eval()
+    all_logits, all_labels = [], []
+    batches = batch_indices(indices, batch_size, generator=None)
+    for batch in tqdm(iterate_batches(images, batches, view_sizes, runtime.device),
+                      total=len(batches), desc=description, unit="batch", leave=False):
+        views = runtime.prepare(make_views(batch, view_sizes, params=None))
+        with runtime.autocast():
+            logits = objective.predict(views)
+        all_logits.append(logits.float().cpu())
+        all_labels.append(batch["labels"].cpu())
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    result = classification_metrics(labels.numpy(), logits.argmax(1).numpy())
+    result["loss"] = F.cross_entropy(logits, labels).item()
+    result["logits"], result["labels"] = logits, labels
+    return result
+
+
+def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: Runtime,
+        checkpoint_meta: dict, resume: bool) -> dict:
+    """Train ``objective.student`` on the split's train rows, select on the val rows.
+
+    Returns the summary that is also written to ``train_summary.json``.
+    """
+    stage_dir = Path(stage_dir)
+    trainable = [parameter for parameter in objective.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience,
+        min_lr=cfg.min_lr)
+    state = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0,
+             "history": [], "train_seconds": 0.0}
+    if resume:
+        state = _restore(stage_dir / "last.pt", objective, optimizer, scheduler)
+        print(f"resuming after epoch {state['epoch']} "
+              f"(best so far: epoch {state['best_epoch']})")
+
+    train_idx, val_idx = images.split.indices("train"), images.split.indices("val")
+    # A batch of one would break BatchNorm; dropping the last short batch avoids that.
+    drop_last = len(train_idx) % cfg.batch_size == 1
+    higher_is_better = cfg.monitor == "val_acc"
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        start = time.perf_counter()
+        generator = epoch_generator(cfg.seed, epoch)
+        batches = batch_indices(train_idx, cfg.batch_size, generator, drop_last=drop_last)
+        train = train_one_epoch(objective, images, batches, cfg.view_sizes, cfg, generator,
+                                optimizer, runtime, f"epoch {epoch}/{cfg.epochs} train")
+        val = evaluate(objective, images, val_idx, cfg.view_sizes, cfg.batch_size, runtime,
+                       f"epoch {epoch}/{cfg.epochs} val")
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(val["loss"])
+        seconds = time.perf_counter() - start
+        row = {"epoch": epoch, "train_loss": train.pop("loss"), "train_ce": train.pop("ce"),
+               "train_acc": train.pop("acc"), **train, "val_loss": val["loss"],
+               "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": lr,
+               "seconds": seconds}
+        state["history"].append(row)
+        state["train_seconds"] += seconds
+
+        score = row[cfg.monitor]
+        best = state["best_score"]
+        improved = best is None or (score > best if higher_is_better else score < best)
+        if improved:
+            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+            save_checkpoint(stage_dir / "best.pt", objective.student,
+                            {**checkpoint_meta, "epoch": epoch, "val_loss": val["loss"],
+                             "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"]})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        stopped_early = state["bad_epochs"] >= cfg.patience
+        finished = stopped_early or epoch == cfg.epochs
+        write_csv(stage_dir / "history.csv", pd.DataFrame(state["history"]))
+        # last.pt is written last: it is the commit point a resume starts from.
+        _save_last(stage_dir / "last.pt", objective, optimizer, scheduler, state, finished)
+        print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+              f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+              f" f1 {row['val_macro_f1']:.4f}  lr {lr:.2e}  {seconds:.1f}s"
+              + ("  *" if improved else ""))
+        if stopped_early:
+            print(f"early stop: no {cfg.monitor} improvement for {cfg.patience} epochs")
+            break
+
+    summary = {"finished": True, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+               f"best_{cfg.monitor}": state["best_score"], "stopped_early": stopped_early,
+               "train_seconds": round(state["train_seconds"], 2),
+               "config": {key: value for key, value in asdict(cfg).items()}}
+    write_json(stage_dir / "train_summary.json", summary)
+    return summary
+
+
+def _trainable_state(objective) -> dict:
+    """The objective's state without the frozen teacher (it has its own checkpoint)."""
+    return {key: value for key, value in objective.state_dict().items()
+            if not key.startswith("teacher.")}
+
+
+def _save_last(path: Path, objective, optimizer, scheduler, state: dict, finished: bool) -> None:
+    save_torch(path, {
+        "objective": _trainable_state(objective),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state,
+        "finished": finished,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    })
+
+
+def _restore(path: Path, objective, optimizer, scheduler) -> dict:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        objective.load_state_dict(saved["objective"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ToolError(f"cannot resume from {path} ({first}); use --overwrite to start "
+                        f"again") from None
+    torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    return saved["state"]
+
+
+def run_status(stage_dir: Path) -> str:
+    """``none``, ``unfinished`` or ``finished``: what a stage folder holds."""
+    last = Path(stage_dir) / "last.pt"
+    if not last.exists():
+        return "none"
+    if (Path(stage_dir) / "train_summary.json").exists():
+        return "finished"
+    try:
+        finished = torch.load(last, map_location="cpu", weights_only=False).get("finished")
+    except Exception:
+        return "unfinished"
+    return "finished" if finished else "unfinished"
