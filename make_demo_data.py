@@ -17,7 +17,7 @@ def main() -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo_data"),
                         help="folder to write (train.csv, test.csv, train/, upscale_train/, test/)")
-    parser.add_argument("--per-class", type=int, default=32, help="labelled images per class")
+    parser.add_argument("--per-class", type=int, default=40, help="labelled images per class")
     parser.add_argument("--classes", type=int, default=25,
                         help=f"number of classes (at most {len(class_names())})")
     parser.add_argument("--test-images", type=int, default=50,

@@ -131,7 +131,7 @@ def table_fingerprint(frame: pd.DataFrame, columns) -> str:
 def make_split(table: pd.DataFrame, seed: int) -> pd.DataFrame:
     """Stratified 8:1:1 split of the labelled rows (train, val, test)."""
     counts = table["label"].value_counts()
-    too_small = counts[counts < MIN_IMAGES_PER_CLASS]
+    too_small = counts[counts < MIN_IMAGES_PER_CLASS].sort_values()
     if len(too_small):
         label, count = too_small.index[0], int(too_small.iloc[0])
         raise ToolError(f"class {label!r} has {count} image(s); a stratified 8:1:1 split needs "

@@ -2,7 +2,7 @@
 
 Each image is a "bird": an ellipse on a noisy, shaded background. Its class is a colour
 (5 groups) crossed with a fine stripe texture (5 patterns), so 25 classes as in DACON.
-The colour survives downsampling; the stripes, 1.5 LR pixels per period, mostly do not: the LR
+The colour survives downsampling; the stripes, 1.75 LR pixels per period, mostly do not: the LR
 image is the HR image box-filtered by the scale factor, which averages most of the texture
 away. So an HR teacher can tell all 25 classes apart, an LR student mainly the colour
 group, and the teacher's soft targets carry what the LR image half-shows.
@@ -44,9 +44,9 @@ def render_hr(rng: np.random.Generator, size: int, colour: str, texture: str,
     v = (-dx * np.sin(angle) + dy * np.cos(angle)) / axes[1]
     body = (u ** 2 + v ** 2) <= 1
 
-    # The texture: stripes about 1.5 LR pixels per period (6 HR pixels at scale 4), finer
-    # than the LR grid can hold, so downsampling leaves mostly blur and aliasing.
-    period = 1.5 * scale * rng.uniform(0.9, 1.1)
+    # The texture: stripes about 1.75 LR pixels per period (7 HR pixels at scale 4), finer
+    # than the LR grid can hold: downsampling leaves blur and aliasing, with only hints.
+    period = 1.75 * scale * rng.uniform(0.9, 1.1)
     phase = rng.uniform(0, 2 * np.pi)
     wave = lambda t: np.cos(2 * np.pi * t / period + phase) > 0  # noqa: E731
     pattern = {"horizontal": wave(y), "vertical": wave(x), "diagonal": wave((x + y) / np.sqrt(2)),
@@ -66,7 +66,7 @@ def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
     return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
 
 
-def write_demo_dataset(out_dir: Path, per_class: int = 32, test_images: int = 50,
+def write_demo_dataset(out_dir: Path, per_class: int = 40, test_images: int = 50,
                        lr_size: int = 16, scale: int = 4, seed: int = 0,
                        num_classes: int = 25, progress: bool = True) -> Path:
     """Write train.csv, test.csv, train/, upscale_train/, test/ under ``out_dir``.

@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny generated dataset and one finished three-stage run on it.
+
+Everything runs on the CPU with ResNet18 at 32 px for one epoch, so a stage takes seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.demo import write_demo_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_TRAIN_ARGS = ["--arch", "resnet18", "--weights", "none", "--input-size", "32",
+                   "--epochs", "1", "--batch-size", "8", "--lr", "1e-3"]
+
+
+def run_script(script: str, *args, cwd: Path = ROOT, timeout: int = 300):
+    """Run a top-level script as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    """A bad input ends with exit status 2 and one ``error:`` line, never a traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def make_tiny_dataset(path: Path, classes: int = 4, per_class: int = 10) -> Path:
+    return write_demo_dataset(path, per_class=per_class, test_images=6, lr_size=8, scale=4,
+                              seed=1, num_classes=classes, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A read-only tiny dataset; tests that damage data copy it first."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture()
+def data_copy(tiny_data, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_data, tmp_path / "data"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_data, tmp_path_factory):
+    """All three stages trained (one epoch) and tested on the tiny dataset.
+
+    Returns (data_dir, out_dir, assets_dir, outputs) with each script's CompletedProcess.
+    """
+    out_dir = tmp_path_factory.mktemp("runs") / "run"
+    assets_dir = out_dir.parent / "assets"
+    outputs = {}
+    common = ["--data-dir", tiny_data, "--out-dir", out_dir]
+    for script in ("train_teacher.py", "train_student.py", "train_kd_student.py"):
+        outputs[script] = run_script(script, *common, *TINY_TRAIN_ARGS)
+        assert outputs[script].returncode == 0, outputs[script].stderr
+    for script in ("test_teacher.py", "test_student.py", "test_kd_student.py"):
+        outputs[script] = run_script(script, *common, "--assets-dir", assets_dir)
+        assert outputs[script].returncode == 0, outputs[script].stderr
+    return tiny_data, out_dir, assets_dir, outputs
