@@ -180,6 +180,7 @@ def _prepare_stage_dir(stage_dir: Path, args) -> str:
                         f"it or --overwrite to replace it")
     if args.overwrite and stage_dir.exists():
         shutil.rmtree(stage_dir)
+        status = "none"
     stage_dir.mkdir(parents=True, exist_ok=True)
     return status
 
@@ -211,8 +212,7 @@ def train_main(stage: str, argv=None) -> int:
     if stage == "kd_student" and args.teacher_ckpt is None:
         args.teacher_ckpt = out_dir / "teacher" / "best.pt"
     args_dict = _jsonable(args)
-    status = _prepare_stage_dir(stage_dir, args)
-    if status == "finished":
+    if _prepare_stage_dir(stage_dir, args) == "finished":  # only reachable with --resume
         print(f"{stage_dir} holds a finished run; nothing to resume "
               f"(use --overwrite to train again)")
         return 0
