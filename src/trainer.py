@@ -232,7 +232,11 @@ def _save_last(path: Path, objective, optimizer, scheduler, state: dict, finishe
 def _restore(path: Path, objective, optimizer, scheduler) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        objective.load_state_dict(saved["objective"], strict=False)
+        # The frozen teacher is not in last.pt (it has its own checkpoint); all else must be.
+        loaded = objective.load_state_dict(saved["objective"], strict=False)
+        missing = [key for key in loaded.missing_keys if not key.startswith("teacher.")]
+        if missing or loaded.unexpected_keys:
+            raise KeyError(f"model keys do not match: {(missing + loaded.unexpected_keys)[:3]}")
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
     except (OSError, RuntimeError, KeyError, ValueError) as error:

@@ -173,3 +173,48 @@ def test_out_dir_not_writable(tiny_data, tmp_path):
     result = run_script("train_teacher.py", "--data-dir", tiny_data, "--out-dir",
                         blocker / "run", *TINY_TRAIN_ARGS)
     assert_one_line_error(result, "cannot write to --out-dir", "a_file")
+
+
+def test_empty_csv(data_copy, tmp_path):
+    (data_copy / "train.csv").write_text("")
+    result = run_script("train_teacher.py", "--data-dir", data_copy,
+                        "--out-dir", tmp_path / "run", *TINY_TRAIN_ARGS)
+    assert_one_line_error(result, "train.csv", "file is empty")
+    (data_copy / "train.csv").write_text("img_path,upscale_img_path,label\n")
+    result = run_script("train_teacher.py", "--data-dir", data_copy,
+                        "--out-dir", tmp_path / "run", *TINY_TRAIN_ARGS)
+    assert_one_line_error(result, "train.csv", "no rows")
+
+
+def test_missing_csv(data_copy, tmp_path):
+    (data_copy / "train.csv").unlink()
+    result = run_script("train_teacher.py", "--data-dir", data_copy,
+                        "--out-dir", tmp_path / "run", *TINY_TRAIN_ARGS)
+    assert_one_line_error(result, "train.csv", "file not found")
+
+
+def test_duplicate_image_paths(data_copy, tmp_path):
+    table = pd.read_csv(data_copy / "train.csv")
+    table.loc[1, "img_path"] = "train/" + table.loc[0, "img_path"].split("/")[-1]
+    table.to_csv(data_copy / "train.csv", index=False)
+    result = run_script("train_teacher.py", "--data-dir", data_copy,
+                        "--out-dir", tmp_path / "run", *TINY_TRAIN_ARGS)
+    assert_one_line_error(result, "duplicate img_path", "TRAIN_00000.png")
+
+
+def test_grey_rgba_and_palette_images_are_converted(data_copy, tmp_path):
+    from PIL import Image
+
+    for name, mode in (("TRAIN_00000.png", "L"), ("TRAIN_00001.png", "RGBA"),
+                       ("TRAIN_00002.png", "P")):
+        for folder in ("train", "upscale_train"):
+            path = data_copy / folder / name
+            Image.open(path).convert(mode).save(path)
+    assert run_script("check_data.py", "--data-dir", data_copy).returncode == 0
+    result = run_script("train_kd_student.py", "--data-dir", data_copy,
+                        "--out-dir", tmp_path / "run", *TINY_TRAIN_ARGS,
+                        "--teacher-ckpt", tmp_path / "none.pt")
+    assert_one_line_error(result, "teacher checkpoint")   # got past the data
+    result = run_script("train_student.py", "--data-dir", data_copy,
+                        "--out-dir", tmp_path / "run", *TINY_TRAIN_ARGS)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,110 @@
+"""Never lose a run: kill and resume, reproducibility, numerical faults."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import torch
+
+from conftest import ROOT, TINY_TRAIN_ARGS, assert_one_line_error, run_script
+
+RESUME_ARGS = [*TINY_TRAIN_ARGS[:-4], "--epochs", "4", "--batch-size", "8", "--lr", "1e-3",
+               "--deterministic", "--patience", "10"]
+
+
+def _train_and_test(data_dir, out_dir, *extra):
+    result = run_script("train_student.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                        *RESUME_ARGS, *extra)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def _outcome(out_dir):
+    """What a finished run leaves, minus wall-clock times and absolute paths."""
+    result = run_script("test_student.py", "--data-dir", out_dir.parent / "data",
+                        "--out-dir", out_dir, "--assets-dir", out_dir / "assets")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((out_dir / "student" / "test_metrics.json").read_text())
+    metrics.pop("checkpoint")
+    history = pd.read_csv(out_dir / "student" / "history.csv").drop(columns=["seconds"])
+    best = torch.load(out_dir / "student" / "best.pt", weights_only=True)["model"]
+    return metrics, history, best
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    import shutil
+    shutil.copytree(tiny_data, data)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _train_and_test(data, straight)
+
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_student.py"),
+                                "--data-dir", str(data), "--out-dir", str(killed), *RESUME_ARGS],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "student" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)    # after epoch 1 was saved, somewhere in epoch 2+
+    process.wait()
+    assert last.exists()
+    interrupted_epochs = len(pd.read_csv(killed / "student" / "history.csv"))
+    assert interrupted_epochs < 4, "the run finished before it could be killed"
+
+    resumed = _train_and_test(data, killed, "--resume")
+    assert f"resuming after epoch" in resumed.stdout
+    metrics_straight, history_straight, best_straight = _outcome(straight)
+    metrics_killed, history_killed, best_killed = _outcome(killed)
+    assert metrics_killed == metrics_straight
+    pd.testing.assert_frame_equal(history_killed, history_straight)
+    for key, value in best_straight.items():
+        assert torch.equal(value, best_killed[key]), key
+    config = json.loads((killed / "student" / "config.json").read_text())
+    assert len(config["resumed"]) == 1
+
+
+def test_same_command_twice_gives_identical_metrics(tiny_data, tmp_path):
+    import shutil
+    shutil.copytree(tiny_data, tmp_path / "data")
+    first, second = tmp_path / "first", tmp_path / "second"
+    _train_and_test(tmp_path / "data", first)
+    _train_and_test(tmp_path / "data", second)
+    metrics_first, history_first, _ = _outcome(first)
+    metrics_second, history_second, _ = _outcome(second)
+    assert metrics_first == metrics_second
+    pd.testing.assert_frame_equal(history_first, history_second)
+
+
+def test_resume_refuses_other_settings_and_finished_runs(finished_run, tmp_path):
+    data_dir, out_dir, _, _ = finished_run
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(out_dir, run)
+    result = run_script("train_student.py", "--data-dir", data_dir, "--out-dir", run,
+                        *TINY_TRAIN_ARGS, "--resume")
+    assert result.returncode == 0 and "finished run; nothing to resume" in result.stdout
+
+    # Make it look interrupted: an unfinished run resumed with another learning rate.
+    last = run / "student" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    state["finished"] = False
+    torch.save(state, last)
+    (run / "student" / "train_summary.json").unlink()
+    before = last.read_bytes()
+    result = run_script("train_student.py", "--data-dir", data_dir, "--out-dir", run,
+                        *TINY_TRAIN_ARGS[:-2], "--lr", "5e-4", "--resume")
+    assert_one_line_error(result, "--resume with other settings", "--lr 0.001 -> 0.0005")
+    assert last.read_bytes() == before
+    result = run_script("train_teacher.py", "--data-dir", data_dir, "--out-dir",
+                        tmp_path / "empty", *TINY_TRAIN_ARGS, "--resume")
+    assert_one_line_error(result, "nothing to resume")
+
+
+def test_non_finite_loss_stops_the_stage(tiny_data, tmp_path):
+    result = run_script("train_student.py", "--data-dir", tiny_data, "--out-dir", tmp_path,
+                        *TINY_TRAIN_ARGS[:-2], "--lr", "1e30")
+    assert_one_line_error(result, "training loss became", "try a lower --lr")
+    assert not (tmp_path / "student" / "best.pt").exists()
