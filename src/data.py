@@ -359,7 +359,8 @@ def batch_indices(indices: np.ndarray, batch_size: int, generator: torch.Generat
 
 
 def gather_batch(images: ImageSet, index: np.ndarray, resolutions, pin: bool) -> dict:
-    """Host tensors for one batch: ``uint8`` images (N, 3, H, W) per resolution, labels."""
+    """Host tensors for one batch: ``uint8`` images (N, 3, H, W) per resolution, labels, and
+    the rows' positions in the split (``index``)."""
     index = np.sort(index) if isinstance(images.pixels.get("hr"), np.memmap) else index
     batch = {}
     for resolution in resolutions:
@@ -368,6 +369,7 @@ def gather_batch(images: ImageSet, index: np.ndarray, resolutions, pin: bool) ->
         batch[resolution] = pixels.pin_memory() if pin else pixels
     labels = torch.from_numpy(images.labels[index])
     batch["labels"] = labels.pin_memory() if pin else labels
+    batch["index"] = torch.from_numpy(np.asarray(index, dtype=np.int64))
     return batch
 
 

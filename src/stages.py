@@ -10,6 +10,7 @@ Stages and what each trains on:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -18,9 +19,9 @@ import pandas as pd
 import torch
 
 from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, \
-    write_csv, write_json
+    save_torch, write_csv, write_json
 from .data import ImageSet, load_or_create_split
-from .distill import HardLabels, VanillaKD
+from .distill import CachedTeacherKD, HardLabels, VanillaKD
 from .models import TESTED_ARCHS, build_model, load_checkpoint
 from .plots import plot_comparison, plot_curves
 from .trainer import FitConfig, Runtime, evaluate, fit, run_status
@@ -128,6 +129,12 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                         help="weight of the hard-label cross-entropy")
         kd.add_argument("--beta", type=float, default=0.3,
                         help="weight of T^2 * KL(teacher_T || student_T)")
+        kd.add_argument("--teacher-cache", action="store_true",
+                        help="compute the teacher's logits once on whole, un-augmented HR "
+                             "images and reuse them every epoch: no teacher forward per step "
+                             "and no HR images in memory, but the soft targets then ignore "
+                             "the student's crop and flip (exact with --no-hflip "
+                             "--crop-scale 1); default: online teacher on paired views")
     return parser
 
 
@@ -242,9 +249,17 @@ def train_main(stage: str, argv=None) -> int:
         view_sizes["hr"] = int(teacher_meta["input_size"])
     model = build_model(args.arch, len(split.classes), args.weights)
     cache_dir = None if args.no_cache else out_dir / "cache"
+    teacher_logits = None
+    if stage == "kd_student" and args.teacher_cache:
+        teacher_logits = _teacher_logits(teacher, teacher_meta, args.teacher_ckpt, split,
+                                         args.data_dir, cache_dir, args.batch_size, runtime)
+        del view_sizes["hr"]    # the student alone needs images from here on
     images = ImageSet.load(split, args.data_dir, sorted(view_sizes), cache_dir)
 
-    if stage == "kd_student":
+    if teacher_logits is not None:
+        objective = CachedTeacherKD(model, teacher_logits, args.alpha, args.beta,
+                                    args.temperature)
+    elif stage == "kd_student":
         objective = VanillaKD(model, teacher, args.alpha, args.beta, args.temperature)
     else:
         objective = HardLabels(model, resolution)
@@ -260,7 +275,9 @@ def train_main(stage: str, argv=None) -> int:
                   "classes": len(split.classes)},
         "image_sizes": {key: images.image_size(key) for key in images.pixels},
         "teacher": {"checkpoint": str(args.teacher_ckpt), "arch": teacher_meta["arch"],
-                    "input_size": teacher_meta["input_size"]} if teacher_meta else None,
+                    "input_size": teacher_meta["input_size"],
+                    "mode": "cached logits" if teacher_logits is not None
+                    else "online, paired views"} if teacher_meta else None,
     })
     if config is not None:
         record["resumed"] = config.get("resumed", []) + [record.pop("command")]
@@ -285,6 +302,27 @@ def train_main(stage: str, argv=None) -> int:
     print(f"done: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
           f"({summary['train_seconds']:.0f}s) -> {stage_dir / 'best.pt'}")
     return 0
+
+
+def _teacher_logits(teacher, teacher_meta: dict, teacher_ckpt: Path, split, data_dir: Path,
+                    cache_dir: Path | None, batch_size: int, runtime: Runtime) -> torch.Tensor:
+    """The teacher's logits for every row of the split (whole un-augmented HR images), kept
+    in the cache keyed by the teacher checkpoint's bytes and the split."""
+    digest = hashlib.sha256(Path(teacher_ckpt).read_bytes())
+    digest.update(split.fingerprint.encode())
+    cache_file = cache_dir / f"teacher-logits-{digest.hexdigest()[:16]}.pt" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        print(f"teacher logits from {cache_file}")
+        return torch.load(cache_file, weights_only=True)
+    images = ImageSet.load(split, data_dir, ["hr"], cache_dir)
+    result = evaluate(HardLabels(teacher, "hr").to(runtime.device), images,
+                      np.arange(len(split.frame)), {"hr": int(teacher_meta["input_size"])},
+                      batch_size, runtime, description="teacher logits")
+    teacher.cpu()
+    if cache_file is not None:
+        save_torch(cache_file, result["logits"])
+        print(f"cached teacher logits for {len(split.frame)} images -> {cache_file}")
+    return result["logits"]
 
 
 def _device_name(device: torch.device) -> str:

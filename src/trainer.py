@@ -83,7 +83,7 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
         with torch.no_grad():
             views = runtime.prepare(make_views(batch, view_sizes, params))
         with runtime.autocast():
-            logits, terms = objective(views, labels)
+            logits, terms = objective(views, batch)
         loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

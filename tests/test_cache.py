@@ -1,0 +1,89 @@
+"""The decode-once paths feed the same pixels and pairing as straightforward ones."""
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from conftest import TINY_TRAIN_ARGS, run_script
+from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, ViewParams, gather_batch, \
+    load_or_create_split, make_view
+from src.distill import CachedTeacherKD, VanillaKD
+from src.models import build_model
+
+
+def test_disk_cache_holds_exactly_the_decoded_pixels(tiny_data, tmp_path):
+    split = load_or_create_split(tiny_data, tmp_path, seed=0, quiet=True)
+    direct = ImageSet.load(split, tiny_data, ["lr", "hr"], cache_dir=None, quiet=True)
+    cached = ImageSet.load(split, tiny_data, ["lr", "hr"], tmp_path / "cache", quiet=True)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    again = ImageSet.load(split, tiny_data, ["lr", "hr"], tmp_path / "cache", quiet=True)
+    for resolution in ("lr", "hr"):
+        assert np.array_equal(direct.pixels[resolution], cached.pixels[resolution])
+        assert np.array_equal(cached.pixels[resolution], again.pixels[resolution])
+    # Row i of every resolution is row i of the split: pairs stay pairs.
+    batch = gather_batch(cached, np.array([5, 2, 7]), ["lr", "hr"], pin=False)
+    for position, row in enumerate([5, 2, 7]):
+        lr_file = tiny_data / split.frame["img_path"].iloc[row]
+        hr_file = tiny_data / split.frame["upscale_img_path"].iloc[row]
+        assert np.array_equal(batch["lr"][position].permute(1, 2, 0).numpy(),
+                              np.asarray(Image.open(lr_file).convert("RGB")))
+        assert np.array_equal(batch["hr"][position].permute(1, 2, 0).numpy(),
+                              np.asarray(Image.open(hr_file).convert("RGB")))
+    assert batch["index"].tolist() == [5, 2, 7]
+
+
+def test_batched_views_match_a_per_image_pil_pipeline(tiny_data, tmp_path):
+    """Our view (resize on the batch, flip by the affine grid) against the reference-style
+    torchvision pipeline on PIL images: equal within resize rounding."""
+    split = load_or_create_split(tiny_data, tmp_path, seed=0, quiet=True)
+    images = ImageSet.load(split, tiny_data, ["lr"], cache_dir=None, quiet=True)
+    rows = np.arange(6)
+    batch = gather_batch(images, rows, ["lr"], pin=False)
+    reference = transforms.Compose([
+        transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    flip = torch.tensor([True, False, True, False, True, False])
+    ours = make_view(batch["lr"], 32, ViewParams(torch.zeros(6, 2), torch.ones(6, 2), flip))
+    for position, row in enumerate(rows):
+        pil = Image.open(tiny_data / split.frame["img_path"].iloc[row]).convert("RGB")
+        if flip[position]:
+            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+        expected = reference(pil)
+        # PIL rounds its resized image to 8 bits: half a grey level over the smallest std.
+        assert (ours[position] - expected).abs().max().item() < 1.5 / 255 / min(IMAGENET_STD)
+
+
+def test_cached_teacher_logits_equal_the_online_teacher_without_augmentation():
+    torch.manual_seed(0)
+    student, teacher = build_model("resnet18", 4).eval(), build_model("resnet18", 4).eval()
+    hr_views = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        all_teacher_logits = torch.cat([torch.randn(3, 4), teacher(hr_views)])
+    views = {"lr": torch.randn(6, 3, 32, 32), "hr": hr_views}
+    batch = {"labels": torch.tensor([0, 1, 2, 3, 0, 1]), "index": torch.arange(3, 9)}
+    online = VanillaKD(student, teacher, 0.7, 0.3, 4.0).eval()
+    cached = CachedTeacherKD(student, all_teacher_logits, 0.7, 0.3, 4.0).eval()
+    _, online_terms = online(views, batch)
+    _, cached_terms = cached(views, batch)
+    for name in ("ce", "kd"):
+        assert torch.allclose(online_terms[name], cached_terms[name], atol=1e-5)
+    assert "cached_teacher_logits" not in cached.state_dict()
+
+
+def test_teacher_cache_trains_end_to_end_and_is_reused(finished_run, tmp_path):
+    import shutil
+    data_dir, out_dir, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out_dir, run)
+    args = ["--data-dir", data_dir, "--out-dir", run, *TINY_TRAIN_ARGS, "--teacher-cache",
+            "--overwrite"]
+    first = run_script("train_kd_student.py", *args)
+    assert first.returncode == 0, first.stderr
+    assert "cached teacher logits" in first.stdout
+    import json
+    config = json.loads((run / "kd_student" / "config.json").read_text())
+    assert config["teacher"]["mode"] == "cached logits"
+    second = run_script("train_kd_student.py", *args)
+    assert second.returncode == 0, second.stderr
+    assert "teacher logits from" in second.stdout
