@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .cli import ToolError, save_torch, write_csv, write_json
 from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
-    sample_view_params
+    sample_view_params, view_grid
 from .metrics import classification_metrics
 from .models import save_checkpoint
 
@@ -79,15 +79,11 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
                     total=len(batches), desc=description, unit="batch", leave=False)
     for step, batch in enumerate(progress):
         labels = batch["labels"]
-        params = sample_view_params(len(labels), generator, cfg.hflip, cfg.crop_scale)
+        params = sample_view_params(len(labels), generator, cfg.hflip, cfg.crop_scale,
+                                    view_grid(batch, view_sizes))
         with torch.no_grad():
             views = runtime.prepare(make_views(batch, view_sizes, params))
-        with runtime.autocast():
-            logits, terms = objective(views, batch)
-        loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        logits, terms, loss = train_step(objective, views, batch, optimizer, runtime)
 
         with torch.no_grad():
             count = len(labels)
@@ -105,6 +101,17 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
     means = {name: (value / seen).item() for name, value in sums.items() if name != "correct"}
     means["acc"] = sums["correct"].item() / seen
     return means
+
+
+def train_step(objective, views: dict, batch: dict, optimizer, runtime: Runtime):
+    """One optimisation step on ready views; returns logits, loss terms and their sum."""
+    with runtime.autocast():
+        logits, terms = objective(views, batch)
+    loss = sum(terms.values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits, terms, loss
 
 
 def _check_finite(value: float, description: str, step: int) -> None:

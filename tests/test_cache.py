@@ -44,7 +44,7 @@ def test_batched_views_match_a_per_image_pil_pipeline(tiny_data, tmp_path):
         transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     flip = torch.tensor([True, False, True, False, True, False])
-    ours = make_view(batch["lr"], 32, ViewParams(torch.zeros(6, 2), torch.ones(6, 2), flip))
+    ours = make_view(batch["lr"], 32, ViewParams(torch.tensor([[0, 0, 8, 8]] * 6), flip, 8))
     for position, row in enumerate(rows):
         pil = Image.open(tiny_data / split.frame["img_path"].iloc[row]).convert("RGB")
         if flip[position]:

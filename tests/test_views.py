@@ -2,7 +2,7 @@
 
 import torch
 
-from src.data import ViewParams, make_view, make_views, sample_view_params
+from src.data import IMAGENET_STD, ViewParams, make_view, make_views, sample_view_params
 from src.demo import downsample
 
 
@@ -25,8 +25,10 @@ def _lr_twin(hr: torch.Tensor, scale: int) -> torch.Tensor:
 def test_views_stay_paired_under_crop_and_flip():
     hr = _ramps(64, 16)
     batch = {"hr": hr, "lr": _lr_twin(hr, 4)}
-    params = sample_view_params(16, torch.Generator().manual_seed(0), hflip=True, crop_scale=0.5)
+    params = sample_view_params(16, torch.Generator().manual_seed(0), hflip=True, crop_scale=0.5,
+                                grid=16)
     assert params.flip.any() and not params.flip.all()
+    assert (params.boxes[:, 2:] < 16).any(), "some views should be real crops"
     views = make_views(batch, {"lr": 24, "hr": 24}, params)
     # Interior pixels: bilinear sampling of a ramp is exact away from the image border.
     inner = (slice(None), slice(None), slice(3, -3), slice(3, -3))
@@ -34,7 +36,7 @@ def test_views_stay_paired_under_crop_and_flip():
     assert difference < 0.05, difference
 
     # The check can fail: flip only the teacher's view and the pair falls apart.
-    mirrored = ViewParams(params.centre, params.extent, ~params.flip)
+    mirrored = ViewParams(params.boxes, ~params.flip, params.grid)
     unpaired = make_view(batch["hr"], 24, mirrored)
     assert (views["lr"] - unpaired)[inner].abs().max().item() > 1.0
 
@@ -42,7 +44,8 @@ def test_views_stay_paired_under_crop_and_flip():
 def test_views_at_different_network_sizes_show_the_same_region():
     hr = _ramps(64, 4)
     batch = {"hr": hr, "lr": _lr_twin(hr, 4)}
-    params = sample_view_params(4, torch.Generator().manual_seed(1), hflip=True, crop_scale=0.6)
+    params = sample_view_params(4, torch.Generator().manual_seed(1), hflip=True, crop_scale=0.6,
+                                grid=16)
     views = make_views(batch, {"lr": 16, "hr": 48}, params)
     hr_at_lr_size = torch.nn.functional.avg_pool2d(views["hr"], 3)
     inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
@@ -51,12 +54,27 @@ def test_views_at_different_network_sizes_show_the_same_region():
 
 def test_training_view_without_crop_or_flip_equals_evaluation_view():
     images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
-    identity = ViewParams(torch.zeros(3, 2), torch.ones(3, 2), torch.zeros(3, dtype=torch.bool))
-    assert torch.allclose(make_view(images, 40, identity), make_view(images, 40, None), atol=1e-5)
+    whole = ViewParams(torch.tensor([[0, 0, 8, 8]] * 3), torch.zeros(3, dtype=torch.bool), 8)
+    assert torch.equal(make_view(images, 40, whole), make_view(images, 40, None))
 
 
-def test_view_params_are_reproducible_from_the_generator():
-    first = sample_view_params(8, torch.Generator().manual_seed(5), True, 0.75)
-    again = sample_view_params(8, torch.Generator().manual_seed(5), True, 0.75)
-    assert torch.equal(first.centre, again.centre) and torch.equal(first.flip, again.flip)
-    assert (first.extent <= 1).all() and (first.centre.abs() <= 1 - first.extent + 1e-6).all()
+def test_float_path_matches_the_uint8_path():
+    """CUDA resizes floats; the CPU resizes uint8 with fixed-point weights and rounds to
+    whole grey levels: the two agree within one grey level."""
+    images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    params = sample_view_params(4, torch.Generator().manual_seed(2), True, 0.5, grid=16)
+    for size in (8, 40):
+        as_uint8 = make_view(images, size, params)
+        as_float = make_view(images.float(), size, params)
+        assert (as_uint8 - as_float).abs().max().item() <= 1.0 / 255 / min(IMAGENET_STD) + 1e-6
+
+
+def test_view_params_are_reproducible_and_inside_the_image():
+    first = sample_view_params(64, torch.Generator().manual_seed(5), True, 0.3, grid=64)
+    again = sample_view_params(64, torch.Generator().manual_seed(5), True, 0.3, grid=64)
+    assert torch.equal(first.boxes, again.boxes) and torch.equal(first.flip, again.flip)
+    top, left, height, width = first.boxes.unbind(1)
+    assert (height >= 1).all() and (width >= 1).all()
+    assert (top + height <= 64).all() and (left + width <= 64).all()
+    area = (height * width).float() / 64 ** 2
+    assert area.min() > 0.25 and area.max() <= 1.0
