@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,14 +76,31 @@ def _load_partial(model: nn.Module, state: dict, path: Path, arch: str) -> None:
     model.load_state_dict(fitting, strict=False)
 
 
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The last ``nn.Linear`` of a torchvision classifier: its head."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ToolError(f"{type(model).__name__} has no linear classification head")
+    return linears[-1]
+
+
+@contextmanager
+def capture_penultimate(model: nn.Module):
+    """Collect the head's inputs (penultimate features) during forwards, by a hook, so no
+    model's code changes. Yields the list the (B, D) feature batches are appended to."""
+    captured = []
+    handle = classifier_head(model).register_forward_pre_hook(
+        lambda module, inputs: captured.append(inputs[0].detach().float().flatten(1).cpu()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 def _replace_head(model: nn.Module, num_classes: int) -> None:
     """Swap the last ``nn.Linear`` (``fc``, ``classifier[-1]``, ``heads.head``...)."""
-    name, last = None, None
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            name, last = module_name, module
-    if last is None:
-        raise ToolError(f"{type(model).__name__} has no linear classification head")
+    last = classifier_head(model)
+    name = next(module_name for module_name, module in model.named_modules() if module is last)
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
 

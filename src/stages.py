@@ -37,12 +37,12 @@ COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", 
                        "weight_decay", "patience", "lr_patience", "lr_factor", "min_lr",
                        "monitor", "seed", "hflip", "crop_scale")
 # Arguments that may differ between a run and its --resume.
-RESUME_FREE = {"resume", "overwrite", "device", "compile"}
+RESUME_FREE = {"resume", "overwrite", "device", "compile", "cache_dir", "no_cache"}
 
 
 # --- arguments -------------------------------------------------------------------------
 
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
+def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="folder holding train.csv, test.csv, train/, upscale_train/, "
                              "test/ (default: %(default)s)")
@@ -56,7 +56,10 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per batch (default: %(default)s)")
     parser.add_argument("--no-cache", action="store_true",
                         help="decode images into memory for this run only instead of using "
-                             "the decoded-image cache in <out-dir>/cache")
+                             "the decoded-image cache")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="decoded-image cache (default: <out-dir>/cache); runs over the "
+                             "same data can share one")
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                         help="bf16 autocast; auto = on with CUDA, off on the CPU "
                              "(default: %(default)s)")
@@ -72,7 +75,7 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                     f"<out-dir>/{stage}/ (best.pt, last.pt, history.csv, config.json, "
                     f"train_summary.json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _common_arguments(parser)
+    common_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50",
                        help=f"torchvision classifier ({', '.join(TESTED_ARCHS)} are tested; "
@@ -146,7 +149,7 @@ def test_parser(stage: str) -> argparse.ArgumentParser:
                     f"test_predictions.csv. When all three stages are tested, also prints "
                     f"the comparison and writes the figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _common_arguments(parser)
+    common_arguments(parser)
     parser.add_argument("--ckpt", type=Path, default=None,
                         help=f"checkpoint to evaluate (default: <out-dir>/{stage}/best.pt)")
     parser.add_argument("--assets-dir", type=Path, default=Path("assets"),
@@ -169,7 +172,13 @@ def _check_arguments(args) -> None:
         raise ToolError(f"--temperature must be positive (got {args.temperature})")
 
 
-def _runtime(args, device: torch.device) -> Runtime:
+def cache_dir_for(args) -> Path | None:
+    if args.no_cache:
+        return None
+    return ensure_writable_dir(args.cache_dir or Path(args.out_dir) / "cache", "--cache-dir")
+
+
+def runtime_for(args, device: torch.device) -> Runtime:
     cuda = device.type == "cuda"
     choose = lambda setting: cuda if setting == "auto" else setting == "on"  # noqa: E731
     return Runtime(device=device, amp=choose(args.amp), channels_last=choose(args.channels_last))
@@ -233,7 +242,7 @@ def train_main(stage: str, argv=None) -> int:
     else:
         torch.backends.cudnn.benchmark = True
     device = pick_device(args.device)
-    runtime = _runtime(args, device)
+    runtime = runtime_for(args, device)
 
     split = load_or_create_split(args.data_dir, out_dir, args.seed)
     view_sizes = {resolution: args.input_size}
@@ -248,7 +257,7 @@ def train_main(stage: str, argv=None) -> int:
                             f"teacher must be an HR model (train_teacher.py)")
         view_sizes["hr"] = int(teacher_meta["input_size"])
     model = build_model(args.arch, len(split.classes), args.weights)
-    cache_dir = None if args.no_cache else out_dir / "cache"
+    cache_dir = cache_dir_for(args)
     teacher_logits = None
     if stage == "kd_student" and args.teacher_cache:
         teacher_logits = _teacher_logits(teacher, teacher_meta, args.teacher_ckpt, split,
@@ -336,22 +345,39 @@ def _device_name(device: torch.device) -> str:
 def test_main(stage: str, argv=None) -> int:
     args = test_parser(stage).parse_args(argv)
     _check_arguments(args)
+    split = load_saved_split(args.data_dir, args.out_dir)
+    test_stage(stage, split, args, args.ckpt)
+    compare_stages(args.out_dir, args.assets_dir)
+    return 0
+
+
+def load_saved_split(data_dir: Path, out_dir: Path):
+    """The split the stages were trained on; testing must never make a new one."""
+    if not (Path(out_dir) / "split.csv").exists():
+        raise ToolError(f"no split in {out_dir} (split.csv); train the stages first")
+    return load_or_create_split(data_dir, out_dir, seed=-1, quiet=True)
+
+
+def test_stage(stage: str, split, args, ckpt: Path | None = None,
+               features: bool = False) -> dict:
+    """Evaluate a stage's checkpoint on the test rows; writes ``test_metrics.json`` and
+    ``test_predictions.csv`` in the stage folder. ``args`` needs data_dir, out_dir, device,
+    batch_size, no_cache, amp, channels_last. Returns the metrics with logits, labels and
+    (with ``features``) penultimate features."""
     out_dir = Path(args.out_dir)
     stage_dir = out_dir / stage
-    if not (out_dir / "split.csv").exists():
-        raise ToolError(f"no split in {out_dir} (split.csv); train the stages first")
-    split = load_or_create_split(args.data_dir, out_dir, seed=-1, quiet=True)
-    ckpt = args.ckpt or stage_dir / "best.pt"
+    ckpt = ckpt or stage_dir / "best.pt"
     model, meta = load_checkpoint(ckpt, classes=split.classes, what=f"{stage} checkpoint")
     resolution = meta["resolution"]
     device = pick_device(args.device)
-    runtime = _runtime(args, device)
-    cache_dir = None if args.no_cache else ensure_writable_dir(out_dir) / "cache"
+    runtime = runtime_for(args, device)
+    cache_dir = cache_dir_for(args)
     images = ImageSet.load(split, args.data_dir, [resolution], cache_dir)
     objective = HardLabels(model, resolution).to(device)
     test_idx = split.indices("test")
     result = evaluate(objective, images, test_idx, {resolution: meta["input_size"]},
-                      args.batch_size, runtime, description=f"testing {stage}")
+                      args.batch_size, runtime, description=f"testing {stage}",
+                      features=features)
 
     predictions = result["logits"].argmax(1).numpy()
     confidence = result["logits"].softmax(1).max(1).values.numpy()
@@ -369,8 +395,8 @@ def test_main(stage: str, argv=None) -> int:
     print(f"{STAGES[stage]['title']}: test accuracy {100 * metrics['accuracy']:.2f}%  "
           f"macro-F1 {100 * metrics['macro_f1']:.2f}%  (n={metrics['n']}) "
           f"-> {stage_dir / 'test_metrics.json'}")
-    compare_stages(out_dir, args.assets_dir)
-    return 0
+    return {**metrics, "logits": result["logits"], "labels": result["labels"],
+            "features": result.get("features"), "test_index": test_idx}
 
 
 def compare_stages(out_dir: Path, assets_dir: Path) -> dict | None:
@@ -385,7 +411,7 @@ def compare_stages(out_dir: Path, assets_dir: Path) -> dict | None:
     if len(fingerprints) != 1:
         raise ToolError(f"the test metrics in {out_dir} come from different splits; "
                         f"rerun the test scripts")
-    warnings = _comparability_warnings(out_dir)
+    warnings = comparability_warnings(out_dir)
 
     print()
     print(f"{'model':<22}{'input':<16}{'accuracy':>10}{'macro-F1':>10}{'n':>7}")
@@ -426,7 +452,7 @@ def compare_stages(out_dir: Path, assets_dir: Path) -> dict | None:
     return comparison
 
 
-def _comparability_warnings(out_dir: Path) -> list[str]:
+def comparability_warnings(out_dir: Path) -> list[str]:
     configs = {}
     for stage in ("student", "kd_student"):
         path = Path(out_dir) / stage / "config.json"

@@ -28,7 +28,7 @@ from .cli import ToolError, save_torch, write_csv, write_json
 from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
     sample_view_params, view_grid
 from .metrics import classification_metrics
-from .models import save_checkpoint
+from .models import capture_penultimate, save_checkpoint
 
 
 @dataclass
@@ -122,25 +122,30 @@ def _check_finite(value: float, description: str, step: int) -> None:
 
 @torch.no_grad()
 def evaluate(objective, images: ImageSet, indices: np.ndarray, view_sizes: dict,
-             batch_size: int, runtime: Runtime, description: str = "evaluating") -> dict:
+             batch_size: int, runtime: Runtime, description: str = "evaluating",
+             features: bool = False) -> dict:
     """Cross-entropy, accuracy and macro-F1 on ``indices`` (whole images, no augmentation).
 
-    Also returns ``logits`` (N, classes) and ``labels`` for the caller to keep.
+    Also returns ``logits`` (N, classes) and ``labels``, and with ``features`` the
+    student's penultimate features (N, D).
     """
     objective.eval()
     all_logits, all_labels = [], []
     batches = batch_indices(indices, batch_size, generator=None)
-    for batch in tqdm(iterate_batches(images, batches, view_sizes, runtime.device),
-                      total=len(batches), desc=description, unit="batch", leave=False):
-        views = runtime.prepare(make_views(batch, view_sizes, params=None))
-        with runtime.autocast():
-            logits = objective.predict(views)
-        all_logits.append(logits.float().cpu())
-        all_labels.append(batch["labels"].cpu())
+    with capture_penultimate(objective.student) if features else nullcontext() as captured:
+        for batch in tqdm(iterate_batches(images, batches, view_sizes, runtime.device),
+                          total=len(batches), desc=description, unit="batch", leave=False):
+            views = runtime.prepare(make_views(batch, view_sizes, params=None))
+            with runtime.autocast():
+                logits = objective.predict(views)
+            all_logits.append(logits.float().cpu())
+            all_labels.append(batch["labels"].cpu())
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
     result = classification_metrics(labels.numpy(), logits.argmax(1).numpy())
     result["loss"] = F.cross_entropy(logits, labels).item()
     result["logits"], result["labels"] = logits, labels
+    if features:
+        result["features"] = torch.cat(captured)
     return result
 
 

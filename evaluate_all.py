@@ -1,0 +1,39 @@
+"""Test every trained stage and compare it with the baseline student on the same test images.
+
+Prints one summary table (model, input, accuracy, macro-F1, difference from the baseline
+with a paired-bootstrap 95% interval and an exact McNemar p-value), writes it to
+<out-dir>/results.md and results.json, and refreshes the figures in --assets-dir:
+test_accuracy_comparison, kd_vs_hard_* curves, per_class_f1, confusion_matrix,
+sample_predictions and tsne (with each model's V-measure). Nothing is retrained.
+
+    python evaluate_all.py --out-dir runs
+"""
+import argparse
+from pathlib import Path
+
+from src.cli import ToolError, run_main
+from src.report import evaluate_all
+from src.stages import common_arguments
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common_arguments(parser)
+    parser.add_argument("--assets-dir", type=Path, default=Path("assets"),
+                        help="where the figures are written")
+    parser.add_argument("--resamples", type=int, default=10_000,
+                        help="paired bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--bootstrap-seed", type=int, default=0,
+                        help="seed of the bootstrap resampling")
+    parser.add_argument("--no-tsne", dest="tsne", action="store_false",
+                        help="skip the t-SNE figure (the slowest part on large test sets)")
+    args = parser.parse_args()
+    if args.resamples < 100:
+        raise ToolError("--resamples must be at least 100")
+    evaluate_all(args)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,47 @@
+"""Predict the unlabelled test.csv with a trained student and write a submission file
+(ID,label, with the original label names, in test.csv's order).
+
+    python predict.py --stage kd_student --tta
+"""
+import argparse
+from pathlib import Path
+
+from src.cli import ToolError, ensure_writable_dir, pick_device, run_main, write_csv
+from src.predict import predict_test_set
+from src.stages import cache_dir_for, common_arguments, runtime_for
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common_arguments(parser)
+    parser.add_argument("--stage", choices=("student", "kd_student"), default="kd_student",
+                        help="whose best checkpoint to use (<out-dir>/<stage>/best.pt)")
+    parser.add_argument("--ckpt", type=Path, default=None,
+                        help="any LR checkpoint of this tool instead of --stage's")
+    parser.add_argument("--tta", action="store_true",
+                        help="average the class probabilities of each image and its mirror")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="submission file (default: <out-dir>/<stage>/submission.csv)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing submission file")
+    args = parser.parse_args()
+    if args.batch_size < 1:
+        raise ToolError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    ckpt = args.ckpt or args.out_dir / args.stage / "best.pt"
+    output = args.output or args.out_dir / args.stage / "submission.csv"
+    if output.exists() and not args.overwrite:
+        raise ToolError(f"{output} exists; pass --overwrite to replace it or --output elsewhere")
+    ensure_writable_dir(output.parent, "--output folder")
+    runtime = runtime_for(args, pick_device(args.device))
+    submission = predict_test_set(args.data_dir, ckpt, cache_dir_for(args), args.batch_size,
+                                  runtime, args.tta)
+    write_csv(output, submission)
+    counts = submission["label"].value_counts()
+    print(f"{len(submission)} predictions ({len(counts)} distinct labels"
+          f"{', with flip TTA' if args.tta else ''}) -> {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

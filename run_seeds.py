@@ -1,0 +1,52 @@
+"""Train and test stages for several seeds on one split; report mean and std.
+
+Every seed uses a copy of <out-dir>/split.csv (the same images for all), its own folder
+<out-dir>/seeds/seed<k>/, and the same training settings (anything after -- goes to every
+train script). Rerunning continues: finished seeds are kept, interrupted ones resumed.
+
+    python run_seeds.py --seeds 0 1 2 -- --epochs 30
+    python run_seeds.py --seeds 0 1 2 --stages student kd_student   # teacher from <out-dir>
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from src.cli import ToolError, run_main
+from src.seeds import run_seeds
+from src.stages import STAGES
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s [options] [-- train-script options]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="folder holding train.csv and the images")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs"),
+                        help="main run folder: its split.csv (made if missing) and teacher are "
+                             "used; seeds go to <out-dir>/seeds/")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds (initialisation, data order, augmentation)")
+    parser.add_argument("--stages", nargs="+", choices=list(STAGES),
+                        default=["student", "kd_student"],
+                        help="stages to run per seed; without teacher, the KD students all "
+                             "learn from <out-dir>/teacher/best.pt")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="seed of the split when <out-dir> has none yet")
+    args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ToolError("--seeds has duplicates")
+    forbidden = {"--seed", "--out-dir", "--data-dir", "--resume", "--overwrite"} & set(train_args)
+    if forbidden:
+        raise ToolError(f"{', '.join(sorted(forbidden))} after -- is set by run_seeds.py itself")
+    stages = [stage for stage in STAGES if stage in args.stages]   # teacher before students
+    run_seeds(args.data_dir, args.out_dir, args.seeds, stages, train_args, args.split_seed)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,113 @@
+"""``run_seeds.py``: the same stages for several seeds on one split, then mean and std.
+
+Each seed gets ``<out-dir>/seeds/seed<k>/`` holding a copy of the main ``split.csv`` (so
+every seed sees exactly the same train, validation and test images), and all seeds share
+one image cache. The stage scripts themselves do the work, so a seed's run is exactly what
+a user would get by hand; a finished seed is skipped and an interrupted one resumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .cli import ToolError, read_json, write_json, write_text
+from .data import load_or_create_split
+from .stages import STAGES
+from .stats import mean_and_std
+from .trainer import run_status
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str],
+              train_args: list[str], split_seed: int) -> dict:
+    out_dir = Path(out_dir)
+    load_or_create_split(data_dir, out_dir, split_seed)      # the one shared split
+    teacher_ckpt = out_dir / "teacher" / "best.pt"
+    if "kd_student" in stages and "teacher" not in stages and not teacher_ckpt.exists():
+        raise ToolError(f"kd_student needs a teacher: train it first ({teacher_ckpt} not "
+                        f"found) or add teacher to --stages")
+    common = ["--data-dir", str(data_dir), "--cache-dir", str(out_dir / "cache")]
+    for seed in seeds:
+        seed_dir = out_dir / "seeds" / f"seed{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("split.csv", "split.json"):
+            if not (seed_dir / name).exists():
+                shutil.copy(out_dir / name, seed_dir / name)
+        for stage in stages:
+            status = run_status(seed_dir / stage)
+            if status != "finished":
+                extra = ["--resume"] if status == "unfinished" else []
+                if stage == "kd_student" and "teacher" not in stages:
+                    extra += ["--teacher-ckpt", str(teacher_ckpt)]
+                print(f"== seed {seed}: {stage}", flush=True)
+                _run(f"train_{stage}.py", *common, "--out-dir", str(seed_dir),
+                     "--seed", str(seed), *train_args, *extra)
+            if not (seed_dir / stage / "test_metrics.json").exists():
+                _run(f"test_{stage}.py", *common, "--out-dir", str(seed_dir),
+                     "--assets-dir", str(seed_dir / "assets"))
+    summary = summarize(out_dir, seeds, stages)
+    table = summary_table(summary)
+    print()
+    print(table)
+    write_text(out_dir / "seeds" / "summary.md", table + "\n")
+    write_json(out_dir / "seeds" / "summary.json", summary)
+    print(f"-> {out_dir / 'seeds' / 'summary.md'}, summary.json")
+    return summary
+
+
+def _run(script: str, *args: str) -> None:
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT)
+    if result.returncode != 0:
+        raise ToolError(f"{script} {' '.join(args)} failed (exit {result.returncode}); fix "
+                        f"that and rerun: finished seeds are kept")
+
+
+def summarize(out_dir: Path, seeds: list[int], stages: list[str]) -> dict:
+    per_seed = {stage: [read_json(Path(out_dir) / "seeds" / f"seed{seed}" / stage /
+                                  "test_metrics.json") for seed in seeds] for stage in stages}
+    summary = {"seeds": seeds, "stages": {}}
+    for stage, runs in per_seed.items():
+        summary["stages"][stage] = {}
+        for key in ("accuracy", "macro_f1"):
+            values = [run[key] for run in runs]
+            mean, std = mean_and_std(values)
+            summary["stages"][stage][key] = {"mean": mean, "std": std, "values": values}
+    if {"student", "kd_student"} <= set(stages):
+        summary["kd_minus_baseline"] = {}
+        for key in ("accuracy", "macro_f1"):
+            differences = np.array([kd[key] - base[key] for kd, base in
+                                    zip(per_seed["kd_student"], per_seed["student"])])
+            mean, std = mean_and_std(differences)
+            summary["kd_minus_baseline"][key] = {"mean": mean, "std": std,
+                                                 "values": differences.tolist()}
+    summary["n"] = per_seed[stages[0]][0]["n"]
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    seeds = summary["seeds"]
+    lines = [f"| model | accuracy (mean ± std) | macro-F1 (mean ± std) |",
+             "| --- | ---: | ---: |"]
+    for stage, scores in summary["stages"].items():
+        lines.append(f"| {STAGES[stage]['title']} | {_pm(scores['accuracy'])} | "
+                     f"{_pm(scores['macro_f1'])} |")
+    if "kd_minus_baseline" in summary:
+        difference = summary["kd_minus_baseline"]
+        lines.append(f"| KD - baseline (paired by seed) | {_pm(difference['accuracy'], True)} | "
+                     f"{_pm(difference['macro_f1'], True)} |")
+    lines.append("")
+    lines.append(f"{len(seeds)} seeds ({', '.join(map(str, seeds))}), one split, "
+                 f"n = {summary['n']} test images; std is the sample standard deviation over "
+                 f"seeds.")
+    return "\n".join(lines)
+
+
+def _pm(scores: dict, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{100 * scores['mean']:{sign}.2f} ± {100 * scores['std']:.2f}"

@@ -1,0 +1,89 @@
+"""evaluate_all.py, predict.py and run_seeds.py on a tiny finished run."""
+
+import json
+import shutil
+
+import pandas as pd
+
+from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
+
+FIGURES = ("test_accuracy_comparison", "kd_vs_hard_train_acc", "kd_vs_hard_train_loss",
+           "kd_vs_hard_val_acc", "kd_vs_hard_val_loss", "per_class_f1", "confusion_matrix",
+           "sample_predictions", "tsne")
+
+
+def test_evaluate_all_writes_table_json_and_every_figure(finished_run, tmp_path):
+    data_dir, out_dir, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out_dir, run)
+    result = run_script("evaluate_all.py", "--data-dir", data_dir, "--out-dir", run,
+                        "--assets-dir", tmp_path / "assets", "--resamples", "300")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run / "results.json").read_text())
+    rows = {row["stage"]: row for row in summary["rows"]}
+    assert set(rows) == {"teacher", "student", "kd_student"}
+    assert "vs_baseline" not in rows["student"]
+    for stage in ("teacher", "kd_student"):
+        versus = rows[stage]["vs_baseline"]
+        assert versus["accuracy"]["low"] <= versus["accuracy"]["difference"] \
+            <= versus["accuracy"]["high"]
+        assert 0 <= versus["mcnemar"]["p_value"] <= 1
+        metrics = json.loads((run / stage / "test_metrics.json").read_text())
+        assert rows[stage]["accuracy"] == metrics["accuracy"]
+    table = (run / "results.md").read_text()
+    assert "| LR KD student (resnet18) |" in table and "McNemar p" in table
+    assert table.strip() in result.stdout
+    for name in FIGURES:
+        png = (tmp_path / "assets" / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000, name
+
+
+def test_evaluate_all_without_trained_stages(tiny_data, tmp_path):
+    assert run_script("check_data.py", "--data-dir", tiny_data).returncode == 0
+    result = run_script("evaluate_all.py", "--data-dir", tiny_data, "--out-dir", tmp_path)
+    assert_one_line_error(result, "no split")
+
+
+def test_predict_writes_one_row_per_test_id_in_order(finished_run, tmp_path):
+    data_dir, out_dir, _, _ = finished_run
+    test_table = pd.read_csv(data_dir / "test.csv")
+    classes = set(pd.read_csv(data_dir / "train.csv")["label"])
+    for flags in ([], ["--tta"]):
+        output = tmp_path / f"submission{len(flags)}.csv"
+        result = run_script("predict.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                            "--stage", "kd_student", "--output", output, *flags)
+        assert result.returncode == 0, result.stderr
+        submission = pd.read_csv(output)
+        assert list(submission.columns) == ["ID", "label"]
+        assert submission["ID"].tolist() == test_table["ID"].tolist()
+        assert set(submission["label"]) <= classes
+    again = run_script("predict.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                       "--output", tmp_path / "submission0.csv")
+    assert_one_line_error(again, "exists", "--overwrite")
+    teacher = run_script("predict.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                         "--ckpt", out_dir / "teacher" / "best.pt", "--output", tmp_path / "t.csv")
+    assert_one_line_error(teacher, "is an HR model", "test.csv has only LR images")
+
+
+def test_run_seeds_reports_mean_and_std_on_one_split(tiny_data, tmp_path):
+    args = ["--data-dir", tiny_data, "--out-dir", tmp_path, "--seeds", "0", "1",
+            "--stages", "student", "--", *TINY_TRAIN_ARGS]
+    result = run_script("run_seeds.py", *args)
+    assert result.returncode == 0, result.stderr
+    main_split = (tmp_path / "split.csv").read_bytes()
+    metrics = []
+    for seed in (0, 1):
+        seed_dir = tmp_path / "seeds" / f"seed{seed}"
+        assert (seed_dir / "split.csv").read_bytes() == main_split
+        assert json.loads((seed_dir / "student" / "config.json").read_text())["args"]["seed"] \
+            == seed
+        metrics.append(json.loads((seed_dir / "student" / "test_metrics.json").read_text()))
+    summary = json.loads((tmp_path / "seeds" / "summary.json").read_text())
+    accuracy = summary["stages"]["student"]["accuracy"]
+    assert accuracy["values"] == [m["accuracy"] for m in metrics]
+    assert abs(accuracy["mean"] - sum(accuracy["values"]) / 2) < 1e-12
+    assert "LR baseline student" in (tmp_path / "seeds" / "summary.md").read_text()
+    rerun = run_script("run_seeds.py", *args)
+    assert rerun.returncode == 0 and "== seed" not in rerun.stdout   # nothing retrained
+    refused = run_script("run_seeds.py", *args[:-len(TINY_TRAIN_ARGS)], "--seed", "3")
+    assert_one_line_error(refused, "--seed after --")
