@@ -1,4 +1,4 @@
-# make demo   set up .venv, write the demo data, run all seven stages on it (CPU, minutes)
+# make demo   set up .venv, write the demo data, run all seven stages, evaluate_all and predict on it
 # make test   set up .venv and run the test suite
 # make bench  set up .venv and run the training-speed benchmark
 PYTHON ?= python3
@@ -29,6 +29,8 @@ demo: $(PY) $(DEMO_DATA)/train.csv
 	$(PY) test_teacher.py $(TEST_ARGS)
 	$(PY) test_student.py $(TEST_ARGS)
 	$(PY) test_kd_student.py $(TEST_ARGS)
+	$(PY) evaluate_all.py $(TEST_ARGS)
+	$(PY) predict.py $(TEST_ARGS) --stage kd_student --tta --overwrite
 
 test: $(PY)
 	$(PY) -m pytest -q tests

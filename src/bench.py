@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, batch_indices, epoch_generator, \
     iterate_batches, load_or_create_split, make_views, sample_view_params, \
     view_grid
-from .distill import HardLabels, VanillaKD
+from .distill import Distiller, HardLabels, LossWeights
 from .models import FrozenTeacher, build_model
 from .trainer import Runtime, train_step
 
@@ -143,7 +143,8 @@ def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, arch: str, inp
     torch.manual_seed(0)
     model = build_model(arch, classes)
     if stage == "kd_student":
-        objective = VanillaKD(model, FrozenTeacher(build_model(arch, classes)), 0.7, 0.3, 4.0)
+        objective = Distiller(model, [FrozenTeacher(build_model(arch, classes))], "kd",
+                              LossWeights())
     else:
         objective = HardLabels(model, resolutions[0])
     objective.to(device).train()

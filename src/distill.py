@@ -1,25 +1,58 @@
 """Training objectives. Each wraps the model being trained and, given the views of a batch
 and the batch itself (``labels``, ``index``), returns the logits and a dict of named,
-already-weighted loss terms; the trainer logs every term and optimises their sum."""
+already-weighted loss terms; the trainer logs every term and optimises their sum.
+
+``--method`` names the terms beside the hard-label cross-entropy: at most one logit method
+(``kd``, ``dkd``) and any feature methods (``at``, ``cwd``, ``mgd``, ``amd``), joined by
+``+`` (``kd+at``). The losses themselves live in ``losses.py``.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cli import ToolError
+from .losses import MGDGenerator, amd_loss, at_loss, cwd_loss, dkd_loss_from_probs, \
+    kd_loss_from_probs, soft_targets
 from .models import FrozenTeacher
 
+LOGIT_METHODS = ("kd", "dkd")
+FEATURE_METHODS = ("at", "cwd", "mgd", "amd")
+# Feature methods that compare channels one to one need a student-to-teacher projection.
+NEEDS_PROJECTION = ("cwd", "mgd")
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-            temperature: float) -> torch.Tensor:
-    """Hinton et al. (2015) soft-target loss, ``T^2 * KL(softmax(t/T) || softmax(s/T))``,
-    averaged over the batch. The ``T^2`` keeps its gradients on the scale of the hard-label
-    loss whatever the temperature."""
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    kl = F.kl_div(student_log_probs, teacher_log_probs, log_target=True, reduction="batchmean")
-    return kl * temperature ** 2
+
+def parse_method(method: str) -> list[str]:
+    parts = [part.strip() for part in method.lower().split("+") if part.strip()]
+    unknown = [part for part in parts if part not in LOGIT_METHODS + FEATURE_METHODS]
+    if not parts or unknown:
+        raise ToolError(f"--method {method!r}: unknown part(s) {', '.join(unknown) or '(empty)'};"
+                        f" use {', '.join(LOGIT_METHODS + FEATURE_METHODS)} joined by +")
+    if len(set(parts)) != len(parts) or sum(part in LOGIT_METHODS for part in parts) > 1:
+        raise ToolError(f"--method {method!r}: each part once, and at most one of kd, dkd")
+    return parts
+
+
+@dataclass
+class LossWeights:
+    """Weights and settings of every term; defaults are the papers' (see ``losses.py``)."""
+    alpha: float = 0.7            # hard-label cross-entropy
+    beta: float = 0.3             # kd
+    temperature: float = 4.0      # kd and dkd
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup: int = 20          # epochs over which the dkd term ramps up linearly
+    at: float = 1000.0
+    cwd: float = 3.0
+    cwd_tau: float = 4.0
+    mgd: float = 7e-5
+    mgd_mask: float = 0.5
+    amd: float = 1.0
+    teacher_weights: list = field(default_factory=lambda: [1.0])
 
 
 class HardLabels(nn.Module):
@@ -37,47 +70,172 @@ class HardLabels(nn.Module):
     def predict(self, views: dict) -> torch.Tensor:
         return self.student(views[self.input_resolution])
 
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the trainer before each epoch (schedules such as DKD's warm-up)."""
 
-class VanillaKD(HardLabels):
-    """``alpha * CE(student, labels) + beta * T^2 * KL(teacher_T || student_T)``.
+    def extra_state(self) -> dict:
+        """Trained modules beside the student (alignment layers), saved with it."""
+        return {key: value for key, value in self.state_dict().items()
+                if not key.startswith(("student.", "teachers."))}
 
-    The student sees the LR view, the teacher the HR view of the same sample, crop and flip.
+
+class FeatureTap:
+    """Keeps the last feature map entering a model's ``avgpool`` (the last convolutional
+    stage of torchvision's ResNets, MobileNets and EfficientNets), by a forward hook."""
+
+    def __init__(self, model: nn.Module, name: str):
+        pool = getattr(model, "avgpool", None)
+        if pool is None:
+            raise ToolError(f"feature distillation needs an avgpool layer, which the {name} "
+                            f"({type(model).__name__}) does not have")
+        self.features = None
+        pool.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, inputs) -> None:
+        self.features = inputs[0]
+
+    def take(self) -> torch.Tensor:
+        features, self.features = self.features, None
+        return features
+
+
+def match_spatial(teacher_features: torch.Tensor, size) -> torch.Tensor:
+    """Bring the teacher's map to the student's spatial size: average pooling when it is
+    larger (the HR teacher's usually is), bilinear interpolation when smaller."""
+    if tuple(teacher_features.shape[-2:]) == tuple(size):
+        return teacher_features
+    if teacher_features.shape[-2] >= size[0] and teacher_features.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(teacher_features, size)
+    return F.interpolate(teacher_features, size=size, mode="bilinear", align_corners=False)
+
+
+class Distiller(HardLabels):
+    """The LR student taught by one or more frozen HR teachers.
+
+    ``alpha * CE`` + the logit term (``kd``: ``beta * T^2 * KL``; ``dkd``) on the teachers'
+    averaged soft targets + each feature term, averaged over teachers with their weights.
+    The student sees the LR view, every teacher the HR view of the same sample, crop and
+    flip. With ``cached_teacher_logits`` (N, classes) the soft targets come from logits
+    computed once on whole un-augmented HR images instead (logit methods only).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, alpha: float, beta: float,
-                 temperature: float):
+    def __init__(self, student: nn.Module, teachers: list[nn.Module], method: str,
+                 weights: LossWeights, teacher_input_sizes: list[int] | None = None,
+                 cached_teacher_logits: torch.Tensor | None = None, probe_size: int = 64):
         super().__init__(student, "lr")
-        self.teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.parts = parse_method(method)
+        self.weights = weights
+        self.feature_parts = [part for part in self.parts if part in FEATURE_METHODS]
+        self.teachers = nn.ModuleList(
+            teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
+            for teacher in teachers)
+        self.teacher_input_sizes = teacher_input_sizes or [None] * len(self.teachers)
+        self.teacher_weights = _normalised(weights.teacher_weights, len(self.teachers)
+                                           or 1)
+        self.epoch_factor = 1.0
+        if cached_teacher_logits is not None:
+            if self.feature_parts:
+                raise ToolError("--teacher-cache keeps logits only; feature methods "
+                                f"({', '.join(self.feature_parts)}) need the online teacher")
+            # Not persistent: rebuilt from the teacher checkpoint, not resumed.
+            self.register_buffer("cached_teacher_logits", cached_teacher_logits,
+                                 persistent=False)
+        else:
+            self.cached_teacher_logits = None
+        self.projections = nn.ModuleList()
+        self.generators = nn.ModuleList()
+        if self.feature_parts:
+            self._build_alignment(probe_size)
+
+    def _build_alignment(self, probe_size: int) -> None:
+        self.student_tap = FeatureTap(self.student, "student")
+        self.teacher_taps = [FeatureTap(t.model, f"teacher {i + 1}")
+                             for i, t in enumerate(self.teachers)]
+        # One probe forward each tells the channel counts (eval mode: BatchNorm untouched).
+        probe = torch.zeros(1, 3, probe_size, probe_size)
+        was_training = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            self.student(probe)
+        self.student.train(was_training)
+        student_map = self.student_tap.take()
+        student_channels = student_map.shape[1]
+        if student_map.shape[-2:] == (1, 1):
+            print(f"warning: the student's last feature map is 1x1 at {probe_size}px input; "
+                  f"{', '.join(self.feature_parts)} compare maps over locations and will "
+                  f"carry little or nothing at this size")
+        for teacher, tap in zip(self.teachers, self.teacher_taps):
+            teacher(probe)
+            teacher_channels = tap.take().shape[1]
+            if any(part in NEEDS_PROJECTION for part in self.feature_parts) \
+                    and teacher_channels != student_channels:
+                self.projections.append(nn.Conv2d(student_channels, teacher_channels, 1,
+                                                  bias=False))
+            else:
+                self.projections.append(nn.Identity())
+            if "mgd" in self.feature_parts:
+                self.generators.append(MGDGenerator(teacher_channels, self.weights.mgd_mask))
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch_factor = min(epoch / self.weights.dkd_warmup, 1.0) \
+            if self.weights.dkd_warmup > 0 else 1.0
+
+    def _teacher_outputs(self, views: dict, batch: dict):
+        if self.cached_teacher_logits is not None:
+            return [self.cached_teacher_logits[batch["index"]]], []
+        logits, features = [], []
+        for number, teacher in enumerate(self.teachers):
+            view = views["hr"]
+            size = self.teacher_input_sizes[number]
+            if size and view.shape[-1] != size:
+                # Teachers of other input sizes get the same view, resized: still paired.
+                view = F.interpolate(view, size=(size, size), mode="bilinear",
+                                     align_corners=False, antialias=True)
+            logits.append(teacher(view))
+            if self.feature_parts:
+                features.append(self.teacher_taps[number].take())
+        return logits, features
 
     def forward(self, views: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        w = self.weights
+        labels = batch["labels"]
         student_logits = self.student(views["lr"])
-        return student_logits, self.losses(student_logits, self.teacher(views["hr"]),
-                                           batch["labels"])
+        teacher_logits, teacher_features = self._teacher_outputs(views, batch)
+        teacher_weights = self.teacher_weights if self.cached_teacher_logits is None else [1.0]
+        terms = {"ce": w.alpha * F.cross_entropy(student_logits.float(), labels)}
+        if "kd" in self.parts or "dkd" in self.parts:
+            probs = soft_targets(teacher_logits, teacher_weights, w.temperature)
+            if "kd" in self.parts:
+                terms["kd"] = w.beta * kd_loss_from_probs(student_logits, probs, w.temperature)
+            else:
+                terms["dkd"] = self.epoch_factor * dkd_loss_from_probs(
+                    student_logits, probs, labels, w.temperature, w.dkd_alpha, w.dkd_beta)
+        if self.feature_parts:
+            student_features = self.student_tap.take()
+            for part in self.feature_parts:
+                terms[part] = getattr(w, part) * sum(
+                    weight * self._feature_loss(part, number, student_features, features)
+                    for number, (weight, features) in
+                    enumerate(zip(teacher_weights, teacher_features)))
+        return student_logits, terms
 
-    def losses(self, student_logits, teacher_logits, labels) -> dict:
-        return {
-            "ce": self.alpha * F.cross_entropy(student_logits.float(), labels),
-            "kd": self.beta * kd_loss(student_logits, teacher_logits, self.temperature),
-        }
+    def _feature_loss(self, part: str, number: int, student_features, teacher_features):
+        teacher_features = match_spatial(teacher_features.float(), student_features.shape[-2:])
+        if part == "at":
+            return at_loss(student_features, teacher_features)
+        if part == "amd":
+            return amd_loss(student_features, teacher_features)
+        aligned = self.projections[number](student_features)
+        if part == "cwd":
+            return cwd_loss(aligned, teacher_features, self.weights.cwd_tau)
+        return self.generators[number](aligned, teacher_features)
 
 
-class CachedTeacherKD(VanillaKD):
-    """Vanilla KD from teacher logits computed once, on the whole un-augmented HR image.
-
-    No teacher forward per step and no HR images in memory, but the soft targets describe
-    the whole image, not the student's crop and flip: exact only with ``--no-hflip
-    --crop-scale 1``; otherwise an approximation (the online teacher is the default).
-    """
-
-    def __init__(self, student: nn.Module, teacher_logits: torch.Tensor, alpha: float,
-                 beta: float, temperature: float):
-        HardLabels.__init__(self, student, "lr")
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
-        # Not persistent: the logits are rebuilt from the teacher checkpoint, not resumed.
-        self.register_buffer("cached_teacher_logits", teacher_logits, persistent=False)
-
-    def forward(self, views: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        student_logits = self.student(views["lr"])
-        teacher_logits = self.cached_teacher_logits[batch["index"]]
-        return student_logits, self.losses(student_logits, teacher_logits, batch["labels"])
+def _normalised(weights, count: int) -> list[float]:
+    weights = list(weights) if weights else [1.0] * count
+    if len(weights) != count:
+        raise ToolError(f"--teacher-weights gives {len(weights)} weight(s) for {count} "
+                        f"teacher(s)")
+    if any(weight < 0 for weight in weights) or sum(weights) <= 0:
+        raise ToolError("--teacher-weights must be non-negative and not all zero")
+    return [weight / sum(weights) for weight in weights]

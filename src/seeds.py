@@ -46,10 +46,10 @@ def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str]
                 if stage == "kd_student" and "teacher" not in stages:
                     extra += ["--teacher-ckpt", str(teacher_ckpt)]
                 print(f"== seed {seed}: {stage}", flush=True)
-                _run(f"train_{stage}.py", *common, "--out-dir", str(seed_dir),
+                run_script(f"train_{stage}.py", *common, "--out-dir", str(seed_dir),
                      "--seed", str(seed), *train_args, *extra)
             if not (seed_dir / stage / "test_metrics.json").exists():
-                _run(f"test_{stage}.py", *common, "--out-dir", str(seed_dir),
+                run_script(f"test_{stage}.py", *common, "--out-dir", str(seed_dir),
                      "--assets-dir", str(seed_dir / "assets"))
     summary = summarize(out_dir, seeds, stages)
     table = summary_table(summary)
@@ -61,7 +61,7 @@ def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str]
     return summary
 
 
-def _run(script: str, *args: str) -> None:
+def run_script(script: str, *args: str) -> None:
     result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT)
     if result.returncode != 0:
         raise ToolError(f"{script} {' '.join(args)} failed (exit {result.returncode}); fix "

@@ -21,7 +21,7 @@ import torch
 from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, \
     save_torch, write_csv, write_json
 from .data import ImageSet, load_or_create_split
-from .distill import CachedTeacherKD, HardLabels, VanillaKD
+from .distill import Distiller, HardLabels, LossWeights, parse_method
 from .models import TESTED_ARCHS, build_model, load_checkpoint
 from .plots import plot_comparison, plot_curves
 from .trainer import FitConfig, Runtime, evaluate, fit, run_status
@@ -122,22 +122,55 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
     runs.add_argument("--overwrite", action="store_true",
                       help="delete this stage's earlier results and start again")
     if stage == "kd_student":
-        kd = parser.add_argument_group("distillation")
-        kd.add_argument("--teacher-ckpt", type=Path, default=None,
-                        help="teacher checkpoint (default: <out-dir>/teacher/best.pt); the "
-                             "teacher is frozen and sees the HR twin of the student's view")
+        kd = parser.add_argument_group(
+            "distillation", "Loss = alpha*CE + the terms --method names. Logit methods: kd "
+            "(Hinton 2015), dkd (decoupled KD, Zhao 2022). Feature methods, on the last "
+            "convolutional feature maps (teacher maps pooled to the student's size; a learned "
+            "1x1 projection where channels differ): at (attention transfer, Zagoruyko 2017), "
+            "cwd (channel-wise, Shu 2021), mgd (masked generative, Yang 2022), amd (angular "
+            "margin, Jeon 2023; global and local maps 8:2). Defaults are the papers'.")
+        kd.add_argument("--method", default="kd",
+                        help="kd, dkd, at, cwd, mgd, amd, or a logit and feature methods "
+                             "joined by + (kd+at, dkd+cwd+amd)")
+        kd.add_argument("--teacher-ckpt", type=Path, nargs="+", default=None,
+                        help="teacher checkpoint(s) (default: <out-dir>/teacher/best.pt); each "
+                             "is frozen and sees the HR twin of the student's view; with "
+                             "several, soft targets are their averaged probabilities")
+        kd.add_argument("--teacher-weights", type=float, nargs="+", default=None,
+                        help="one weight per teacher for the average (default: equal)")
         kd.add_argument("--temperature", type=float, default=4.0,
-                        help="softmax temperature T of the soft targets")
-        kd.add_argument("--alpha", type=float, default=0.7,
-                        help="weight of the hard-label cross-entropy")
+                        help="softmax temperature T of the soft targets (kd, dkd)")
+        kd.add_argument("--alpha", type=float, default=None,
+                        help="weight of the hard-label cross-entropy (default: 0.7 with kd, "
+                             "1.0 otherwise, as in the DKD and feature-method papers)")
         kd.add_argument("--beta", type=float, default=0.3,
-                        help="weight of T^2 * KL(teacher_T || student_T)")
+                        help="kd: weight of T^2 * KL(teacher_T || student_T)")
+        kd.add_argument("--dkd-alpha", type=float, default=1.0,
+                        help="dkd: weight of target-class KD (TCKD)")
+        kd.add_argument("--dkd-beta", type=float, default=8.0,
+                        help="dkd: weight of non-target-class KD (NCKD)")
+        kd.add_argument("--dkd-warmup", type=int, default=20,
+                        help="dkd: epochs over which its term ramps up linearly (0: none)")
+        kd.add_argument("--at-weight", type=float, default=1000.0,
+                        help="at: weight of the attention-map loss")
+        kd.add_argument("--cwd-weight", type=float, default=3.0,
+                        help="cwd: weight of the channel-wise loss")
+        kd.add_argument("--cwd-tau", type=float, default=4.0,
+                        help="cwd: temperature of the per-channel spatial softmax")
+        kd.add_argument("--mgd-weight", type=float, default=7e-5,
+                        help="mgd: weight of the generation loss (summed squared error)")
+        kd.add_argument("--mgd-mask", type=float, default=0.5,
+                        help="mgd: share of student feature locations masked")
+        kd.add_argument("--amd-weight", type=float, default=1.0,
+                        help="amd: weight of the angular-margin loss (the paper's code gives "
+                             "no weight for it; 1 is ours)")
         kd.add_argument("--teacher-cache", action="store_true",
-                        help="compute the teacher's logits once on whole, un-augmented HR "
-                             "images and reuse them every epoch: no teacher forward per step "
-                             "and no HR images in memory, but the soft targets then ignore "
-                             "the student's crop and flip (exact with --no-hflip "
-                             "--crop-scale 1); default: online teacher on paired views")
+                        help="kd/dkd with one teacher: compute its logits once on whole, "
+                             "un-augmented HR images and reuse them every epoch: no teacher "
+                             "forward per step and no HR images in memory, but the soft "
+                             "targets then ignore the student's crop and flip (exact with "
+                             "--no-hflip --crop-scale 1); default: online teacher on paired "
+                             "views")
     return parser
 
 
@@ -215,8 +248,13 @@ def _check_resume_settings(stage_dir: Path, args_dict: dict) -> dict:
 
 
 def _jsonable(args: argparse.Namespace) -> dict:
-    return {key: str(value) if isinstance(value, Path) else value
-            for key, value in vars(args).items()}
+    def plain(value):
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+    return {key: plain(value) for key, value in vars(args).items()}
 
 
 def train_main(stage: str, argv=None) -> int:
@@ -225,8 +263,11 @@ def train_main(stage: str, argv=None) -> int:
     resolution = STAGES[stage]["resolution"]
     out_dir = ensure_writable_dir(args.out_dir)
     stage_dir = out_dir / stage
-    if stage == "kd_student" and args.teacher_ckpt is None:
-        args.teacher_ckpt = out_dir / "teacher" / "best.pt"
+    if stage == "kd_student":
+        args.teacher_ckpt = args.teacher_ckpt or [out_dir / "teacher" / "best.pt"]
+        parts = parse_method(args.method)
+        if args.alpha is None:
+            args.alpha = 0.7 if "kd" in parts else 1.0
     args_dict = _jsonable(args)
     if _prepare_stage_dir(stage_dir, args) == "finished":  # only reachable with --resume
         print(f"{stage_dir} holds a finished run; nothing to resume "
@@ -246,30 +287,43 @@ def train_main(stage: str, argv=None) -> int:
 
     split = load_or_create_split(args.data_dir, out_dir, args.seed)
     view_sizes = {resolution: args.input_size}
-    teacher_meta = None
+    teachers, teacher_metas = [], []
     if stage == "kd_student":
-        # Load (and so check) the teacher before the slow image decoding.
-        teacher, teacher_meta = load_checkpoint(args.teacher_ckpt, classes=split.classes,
-                                                what="teacher checkpoint")
-        if teacher_meta.get("resolution") != "hr":
-            raise ToolError(f"teacher checkpoint {args.teacher_ckpt} was trained on "
-                            f"{str(teacher_meta.get('resolution')).upper()} images; the KD "
-                            f"teacher must be an HR model (train_teacher.py)")
-        view_sizes["hr"] = int(teacher_meta["input_size"])
+        # Load (and so check) the teachers before the slow image decoding.
+        for ckpt in args.teacher_ckpt:
+            teacher, meta = load_checkpoint(ckpt, classes=split.classes,
+                                            what="teacher checkpoint")
+            if meta.get("resolution") != "hr":
+                raise ToolError(f"teacher checkpoint {ckpt} was trained on "
+                                f"{str(meta.get('resolution')).upper()} images; the KD "
+                                f"teacher must be an HR model (train_teacher.py)")
+            teachers.append(teacher)
+            teacher_metas.append(meta)
+        view_sizes["hr"] = int(teacher_metas[0]["input_size"])
     model = build_model(args.arch, len(split.classes), args.weights)
     cache_dir = cache_dir_for(args)
     teacher_logits = None
     if stage == "kd_student" and args.teacher_cache:
-        teacher_logits = _teacher_logits(teacher, teacher_meta, args.teacher_ckpt, split,
-                                         args.data_dir, cache_dir, args.batch_size, runtime)
+        if len(teachers) > 1:
+            raise ToolError("--teacher-cache takes one teacher checkpoint")
+        teacher_logits = _teacher_logits(teachers[0], teacher_metas[0], args.teacher_ckpt[0],
+                                         split, args.data_dir, cache_dir, args.batch_size,
+                                         runtime)
         del view_sizes["hr"]    # the student alone needs images from here on
     images = ImageSet.load(split, args.data_dir, sorted(view_sizes), cache_dir)
 
-    if teacher_logits is not None:
-        objective = CachedTeacherKD(model, teacher_logits, args.alpha, args.beta,
-                                    args.temperature)
-    elif stage == "kd_student":
-        objective = VanillaKD(model, teacher, args.alpha, args.beta, args.temperature)
+    if stage == "kd_student":
+        weights = LossWeights(
+            alpha=args.alpha, beta=args.beta, temperature=args.temperature,
+            dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta, dkd_warmup=args.dkd_warmup,
+            at=args.at_weight, cwd=args.cwd_weight, cwd_tau=args.cwd_tau, mgd=args.mgd_weight,
+            mgd_mask=args.mgd_mask, amd=args.amd_weight,
+            teacher_weights=args.teacher_weights or [1.0] * len(teachers))
+        objective = Distiller(model, [] if teacher_logits is not None else teachers,
+                              args.method, weights,
+                              [int(meta["input_size"]) for meta in teacher_metas],
+                              cached_teacher_logits=teacher_logits,
+                              probe_size=args.input_size)
     else:
         objective = HardLabels(model, resolution)
     objective.to(device)
@@ -283,10 +337,12 @@ def train_main(stage: str, argv=None) -> int:
         "split": {"seed": split.seed, "fingerprint": split.fingerprint,
                   "classes": len(split.classes)},
         "image_sizes": {key: images.image_size(key) for key in images.pixels},
-        "teacher": {"checkpoint": str(args.teacher_ckpt), "arch": teacher_meta["arch"],
-                    "input_size": teacher_meta["input_size"],
+        "teacher": {"checkpoints": [str(ckpt) for ckpt in args.teacher_ckpt],
+                    "archs": [meta["arch"] for meta in teacher_metas],
+                    "input_sizes": [meta["input_size"] for meta in teacher_metas],
+                    "method": args.method,
                     "mode": "cached logits" if teacher_logits is not None
-                    else "online, paired views"} if teacher_meta else None,
+                    else "online, paired views"} if teacher_metas else None,
     })
     if config is not None:
         record["resumed"] = config.get("resumed", []) + [record.pop("command")]

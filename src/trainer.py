@@ -176,6 +176,7 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         start = time.perf_counter()
         generator = epoch_generator(cfg.seed, epoch)
+        objective.start_epoch(epoch)
         batches = batch_indices(train_idx, cfg.batch_size, generator, drop_last=drop_last)
         train = train_one_epoch(objective, images, batches, cfg.view_sizes, cfg, generator,
                                 optimizer, runtime, f"epoch {epoch}/{cfg.epochs} train")
@@ -198,7 +199,8 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
             save_checkpoint(stage_dir / "best.pt", objective.student,
                             {**checkpoint_meta, "epoch": epoch, "val_loss": val["loss"],
-                             "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"]})
+                             "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                             "distill_modules": objective.extra_state()})
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
@@ -223,10 +225,13 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
     return summary
 
 
+FROZEN_PREFIXES = ("teachers.",)
+
+
 def _trainable_state(objective) -> dict:
-    """The objective's state without the frozen teacher (it has its own checkpoint)."""
+    """The objective's state without the frozen teachers (they have their own checkpoints)."""
     return {key: value for key, value in objective.state_dict().items()
-            if not key.startswith("teacher.")}
+            if not key.startswith(FROZEN_PREFIXES)}
 
 
 def _save_last(path: Path, objective, optimizer, scheduler, state: dict, finished: bool) -> None:
@@ -244,9 +249,9 @@ def _save_last(path: Path, objective, optimizer, scheduler, state: dict, finishe
 def _restore(path: Path, objective, optimizer, scheduler) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        # The frozen teacher is not in last.pt (it has its own checkpoint); all else must be.
+        # The frozen teachers are not in last.pt (they have their own checkpoints).
         loaded = objective.load_state_dict(saved["objective"], strict=False)
-        missing = [key for key in loaded.missing_keys if not key.startswith("teacher.")]
+        missing = [key for key in loaded.missing_keys if not key.startswith(FROZEN_PREFIXES)]
         if missing or loaded.unexpected_keys:
             raise KeyError(f"model keys do not match: {(missing + loaded.unexpected_keys)[:3]}")
         optimizer.load_state_dict(saved["optimizer"])

@@ -8,7 +8,7 @@ from torchvision import transforms
 from conftest import TINY_TRAIN_ARGS, run_script
 from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, ViewParams, gather_batch, \
     load_or_create_split, make_view
-from src.distill import CachedTeacherKD, VanillaKD
+from src.distill import Distiller, LossWeights
 from src.models import build_model
 
 
@@ -62,8 +62,9 @@ def test_cached_teacher_logits_equal_the_online_teacher_without_augmentation():
         all_teacher_logits = torch.cat([torch.randn(3, 4), teacher(hr_views)])
     views = {"lr": torch.randn(6, 3, 32, 32), "hr": hr_views}
     batch = {"labels": torch.tensor([0, 1, 2, 3, 0, 1]), "index": torch.arange(3, 9)}
-    online = VanillaKD(student, teacher, 0.7, 0.3, 4.0).eval()
-    cached = CachedTeacherKD(student, all_teacher_logits, 0.7, 0.3, 4.0).eval()
+    online = Distiller(student, [teacher], "kd", LossWeights()).eval()
+    cached = Distiller(student, [], "kd", LossWeights(),
+                       cached_teacher_logits=all_teacher_logits).eval()
     _, online_terms = online(views, batch)
     _, cached_terms = cached(views, batch)
     for name in ("ce", "kd"):

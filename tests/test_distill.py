@@ -5,7 +5,8 @@ import math
 import torch
 
 from src.data import ImageSet, batch_indices, epoch_generator, load_or_create_split
-from src.distill import VanillaKD, kd_loss
+from src.distill import Distiller, LossWeights
+from src.losses import kd_loss
 from src.models import FrozenTeacher, build_model
 from src.trainer import FitConfig, Runtime, train_one_epoch
 
@@ -59,7 +60,7 @@ def test_teacher_weights_do_not_change_during_kd_training(tiny_data, tmp_path):
     teacher = build_model("resnet18", len(split.classes))
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    objective = VanillaKD(student, teacher, alpha=0.7, beta=0.3, temperature=4.0)
+    objective = Distiller(student, [teacher], "kd", LossWeights(alpha=0.7, beta=0.3))
     trainable = [p for p in objective.parameters() if p.requires_grad]
     assert len(trainable) == len(list(student.parameters()))
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
@@ -72,8 +73,8 @@ def test_teacher_weights_do_not_change_during_kd_training(tiny_data, tmp_path):
     result = train_one_epoch(objective, images, batches, cfg.view_sizes, cfg, generator,
                              optimizer, Runtime(torch.device("cpu"), False, False), "test")
     assert {"loss_ce", "loss_kd"} <= set(result)
-    assert not objective.teacher.training
-    assert all(p.grad is None for p in objective.teacher.parameters())
+    assert not objective.teachers[0].training
+    assert all(p.grad is None for p in objective.teachers[0].parameters())
     for key, value in teacher.state_dict().items():   # weights and BatchNorm statistics
         assert torch.equal(value, teacher_before[key]), key
     assert any(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items())
