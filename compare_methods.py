@@ -8,14 +8,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from src.cli import ToolError, run_main
+from src.cli import run_main, split_passthrough
 from src.methods import compare_methods
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    # The baseline's settings are copied to every method: overriding them would break the
+    # like-for-like comparison.
+    argv, train_args = split_passthrough(
+        sys.argv[1:], {"--seed", "--epochs", "--arch", "--out-dir", "--data-dir", "--method",
+                       "--teacher-ckpt", "--resume", "--overwrite", "--lr", "--batch-size",
+                       "--input-size", "--weights"}, "compare_methods.py")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      usage="%(prog)s [options] [-- train_kd_student options]",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -28,11 +31,6 @@ def main() -> int:
                         default=["kd", "dkd", "at", "cwd", "mgd", "amd", "kd+at"],
                         help="methods to compare (see train_kd_student.py --help)")
     args = parser.parse_args(argv)
-    fixed = {"--seed", "--epochs", "--arch", "--out-dir", "--data-dir", "--method",
-             "--teacher-ckpt", "--resume", "--overwrite"} & set(train_args)
-    if fixed:
-        raise ToolError(f"{', '.join(sorted(fixed))} after -- would break like-for-like "
-                        f"comparison; compare_methods.py sets them from the baseline")
     compare_methods(args.data_dir, args.out_dir, args.methods, train_args)
     return 0
 

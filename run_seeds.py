@@ -11,15 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from src.cli import ToolError, run_main
+from src.cli import ToolError, run_main, split_passthrough
 from src.seeds import run_seeds
 from src.stages import STAGES
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, train_args = split_passthrough(
+        sys.argv[1:], {"--seed", "--out-dir", "--data-dir", "--resume", "--overwrite"},
+        "run_seeds.py")
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         usage="%(prog)s [options] [-- train-script options]",
@@ -40,9 +40,6 @@ def main() -> int:
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         raise ToolError("--seeds has duplicates")
-    forbidden = {"--seed", "--out-dir", "--data-dir", "--resume", "--overwrite"} & set(train_args)
-    if forbidden:
-        raise ToolError(f"{', '.join(sorted(forbidden))} after -- is set by run_seeds.py itself")
     stages = [stage for stage in STAGES if stage in args.stages]   # teacher before students
     run_seeds(args.data_dir, args.out_dir, args.seeds, stages, train_args, args.split_seed)
     return 0

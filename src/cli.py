@@ -47,6 +47,18 @@ def run_main(main: Callable[[], int | None]) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def split_passthrough(argv: list[str], reserved: set[str], who: str) -> tuple[list, list]:
+    """``[own options] -- [options for the scripts it runs]``: the two lists. Options the
+    runner sets itself (``reserved``) may not appear after ``--``."""
+    if "--" not in argv:
+        return argv, []
+    own, passthrough = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    clash = reserved & set(passthrough)
+    if clash:
+        raise ToolError(f"{', '.join(sorted(clash))} after -- is set by {who} itself")
+    return own, passthrough
+
+
 # --- atomic writes -------------------------------------------------------------------
 # Every result file is written to a temporary file beside it and renamed over the old one,
 # so a crash or a full disk mid-write leaves the previous good file in place.

@@ -3,15 +3,13 @@ and teacher, against the baseline student of the run folder; prints and saves a 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pandas as pd
 
 from .cli import ToolError, read_json, write_json, write_text
 from .distill import parse_method
-from .seeds import run_script
-from .trainer import run_status
+from .seeds import run_stage_in
 
 
 def compare_methods(data_dir: Path, out_dir: Path, methods: list[str],
@@ -36,23 +34,12 @@ def compare_methods(data_dir: Path, out_dir: Path, methods: list[str],
         settings += [f"--{key.replace('_', '-')}", str(base_args[key])]
     if not base_args.get("hflip", True):
         settings.append("--no-hflip")
-    common = ["--data-dir", str(data_dir), "--cache-dir", str(out_dir / "cache")]
     rows = []
     for method in methods:
         method_dir = out_dir / "methods" / method
-        method_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("split.csv", "split.json"):
-            if not (method_dir / name).exists():
-                shutil.copy(out_dir / name, method_dir / name)
-        status = run_status(method_dir / "kd_student")
-        if status != "finished":
-            print(f"== method {method}", flush=True)
-            run_script("train_kd_student.py", *common, "--out-dir", str(method_dir),
-                       "--method", method, "--teacher-ckpt", str(out_dir / "teacher" / "best.pt"),
-                       *settings, *train_args, *(["--resume"] if status == "unfinished" else []))
-        if not (method_dir / "kd_student" / "test_metrics.json").exists():
-            run_script("test_kd_student.py", *common, "--out-dir", str(method_dir),
-                       "--assets-dir", str(method_dir / "assets"))
+        run_stage_in(method_dir, "kd_student", out_dir, data_dir,
+                     ["--method", method, "--teacher-ckpt", str(out_dir / "teacher" / "best.pt"),
+                      *settings, *train_args], f"method {method}")
         metrics = read_json(method_dir / "kd_student" / "test_metrics.json")
         history = pd.read_csv(method_dir / "kd_student" / "history.csv")
         rows.append({"method": method, "accuracy": metrics["accuracy"],

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .cli import atomic_write  # noqa: E402
@@ -58,10 +59,8 @@ def plot_comparison(metrics: dict[str, dict], path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_per_class_f1(per_class: dict[str, "np.ndarray"], classes: list[str], path: Path) -> Path:
+def plot_per_class_f1(per_class: dict[str, np.ndarray], classes: list[str], path: Path) -> Path:
     """Horizontal grouped bars: each class's test F1 for each model."""
-    import numpy as np
-
     names = list(per_class)
     height = 0.8 / len(names)
     figure, axes = plt.subplots(figsize=(7, 1.2 + 0.32 * len(classes) * max(1, len(names) / 2)))
@@ -79,10 +78,8 @@ def plot_per_class_f1(per_class: dict[str, "np.ndarray"], classes: list[str], pa
     return _save(figure, path)
 
 
-def plot_confusion(matrices: dict[str, "np.ndarray"], classes: list[str], path: Path) -> Path:
+def plot_confusion(matrices: dict[str, np.ndarray], classes: list[str], path: Path) -> Path:
     """Row-normalised confusion matrices side by side (rows: true class)."""
-    import numpy as np
-
     figure, axes = plt.subplots(1, len(matrices), figsize=(5.5 * len(matrices), 5.2),
                                 squeeze=False)
     small = len(classes) > 12
@@ -133,8 +130,6 @@ def plot_embeddings(embeddings: dict[str, tuple], labels, classes: list[str],
                     path: Path) -> Path:
     """t-SNE maps of penultimate features, one panel per model, coloured by true class;
     each title gives the model's V-measure."""
-    import numpy as np
-
     figure, axes = plt.subplots(1, len(embeddings), figsize=(4.6 * len(embeddings), 4.6),
                                 squeeze=False)
     # Distinct colours for up to 20 classes; beyond that, evenly spaced along a colour map.

@@ -32,25 +32,12 @@ def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str]
     if "kd_student" in stages and "teacher" not in stages and not teacher_ckpt.exists():
         raise ToolError(f"kd_student needs a teacher: train it first ({teacher_ckpt} not "
                         f"found) or add teacher to --stages")
-    common = ["--data-dir", str(data_dir), "--cache-dir", str(out_dir / "cache")]
     for seed in seeds:
-        seed_dir = out_dir / "seeds" / f"seed{seed}"
-        seed_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("split.csv", "split.json"):
-            if not (seed_dir / name).exists():
-                shutil.copy(out_dir / name, seed_dir / name)
         for stage in stages:
-            status = run_status(seed_dir / stage)
-            if status != "finished":
-                extra = ["--resume"] if status == "unfinished" else []
-                if stage == "kd_student" and "teacher" not in stages:
-                    extra += ["--teacher-ckpt", str(teacher_ckpt)]
-                print(f"== seed {seed}: {stage}", flush=True)
-                run_script(f"train_{stage}.py", *common, "--out-dir", str(seed_dir),
-                     "--seed", str(seed), *train_args, *extra)
-            if not (seed_dir / stage / "test_metrics.json").exists():
-                run_script(f"test_{stage}.py", *common, "--out-dir", str(seed_dir),
-                     "--assets-dir", str(seed_dir / "assets"))
+            extra = ["--teacher-ckpt", str(teacher_ckpt)] \
+                if stage == "kd_student" and "teacher" not in stages else []
+            run_stage_in(out_dir / "seeds" / f"seed{seed}", stage, out_dir, data_dir,
+                         ["--seed", str(seed), *train_args, *extra], f"seed {seed}: {stage}")
     summary = summarize(out_dir, seeds, stages)
     table = summary_table(summary)
     print()
@@ -59,6 +46,25 @@ def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str]
     write_json(out_dir / "seeds" / "summary.json", summary)
     print(f"-> {out_dir / 'seeds' / 'summary.md'}, summary.json")
     return summary
+
+
+def run_stage_in(folder: Path, stage: str, main_out_dir: Path, data_dir: Path,
+                 train_args: list[str], label: str) -> None:
+    """Train and test ``stage`` in ``folder`` on a copy of the main run's split, sharing
+    its image cache. A finished stage is kept, an unfinished one resumed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("split.csv", "split.json"):
+        if not (folder / name).exists():
+            shutil.copy(Path(main_out_dir) / name, folder / name)
+    common = ["--data-dir", str(data_dir), "--out-dir", str(folder),
+              "--cache-dir", str(Path(main_out_dir) / "cache")]
+    status = run_status(folder / stage)
+    if status != "finished":
+        print(f"== {label}", flush=True)
+        run_script(f"train_{stage}.py", *common, *train_args,
+                   *(["--resume"] if status == "unfinished" else []))
+    if not (folder / stage / "test_metrics.json").exists():
+        run_script(f"test_{stage}.py", *common, "--assets-dir", str(folder / "assets"))
 
 
 def run_script(script: str, *args: str) -> None:
@@ -92,7 +98,7 @@ def summarize(out_dir: Path, seeds: list[int], stages: list[str]) -> dict:
 
 def summary_table(summary: dict) -> str:
     seeds = summary["seeds"]
-    lines = [f"| model | accuracy (mean ± std) | macro-F1 (mean ± std) |",
+    lines = ["| model | accuracy (mean ± std) | macro-F1 (mean ± std) |",
              "| --- | ---: | ---: |"]
     for stage, scores in summary["stages"].items():
         lines.append(f"| {STAGES[stage]['title']} | {_pm(scores['accuracy'])} | "

@@ -206,3 +206,16 @@ def test_two_teachers_end_to_end_and_bad_method(finished_run, tmp_path):
                          tmp_path / "c", *TINY_TRAIN_ARGS, "--teacher-ckpt", teacher,
                          "--teacher-weights", "1", "2")
     assert_one_line_error(weights, "--teacher-weights gives 2 weight(s) for 1 teacher(s)")
+
+
+@pytest.mark.parametrize("student_arch,teacher_arch", [("efficientnet_b0", "resnet50"),
+                                                       ("mobilenet_v3_large", "resnet18")])
+def test_student_and_teacher_families_combine(student_arch, teacher_arch):
+    student, teacher = _pair(student_arch, teacher_arch)
+    objective = Distiller(student, [teacher], "kd+at+cwd+mgd+amd", LossWeights(),
+                          teacher_input_sizes=[96], probe_size=64)
+    views = {"lr": torch.randn(2, 3, 64, 64), "hr": torch.randn(2, 3, 96, 96)}
+    _, terms = objective.train()(views, {"labels": torch.tensor([0, 1]), "index": torch.arange(2)})
+    assert all(torch.isfinite(value) for value in terms.values())
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in objective.teachers.parameters())

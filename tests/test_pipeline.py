@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import ROOT, TINY_TRAIN_ARGS, assert_one_line_error, make_tiny_dataset, run_script
+from conftest import TINY_TRAIN_ARGS, assert_one_line_error, make_tiny_dataset, run_script
 from src import stages
 
 SCRIPTS = ["check_data.py", "make_demo_data.py", "train_teacher.py", "train_student.py",

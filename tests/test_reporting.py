@@ -1,9 +1,10 @@
-"""evaluate_all.py, predict.py and run_seeds.py on a tiny finished run."""
+"""evaluate_all.py, predict.py, run_seeds.py and compare_methods.py on a tiny finished run."""
 
 import json
 import shutil
 
 import pandas as pd
+import pytest
 
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
 
@@ -87,3 +88,33 @@ def test_run_seeds_reports_mean_and_std_on_one_split(tiny_data, tmp_path):
     assert rerun.returncode == 0 and "== seed" not in rerun.stdout   # nothing retrained
     refused = run_script("run_seeds.py", *args[:-len(TINY_TRAIN_ARGS)], "--seed", "3")
     assert_one_line_error(refused, "--seed after --")
+
+
+def test_compare_methods_table_with_the_baselines_settings(finished_run, tmp_path):
+    data_dir, out_dir, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out_dir, run)
+    args = ["--data-dir", data_dir, "--out-dir", run, "--methods", "kd", "at"]
+    result = run_script("compare_methods.py", *args)
+    assert result.returncode == 0, result.stderr
+    comparison = json.loads((run / "methods" / "comparison.json").read_text())
+    assert [row["method"] for row in comparison["rows"]] == ["kd", "at"]
+    baseline_args = json.loads((run / "student" / "config.json").read_text())["args"]
+    for row in comparison["rows"]:
+        config = json.loads((run / "methods" / row["method"] / "kd_student" /
+                             "config.json").read_text())["args"]
+        for key in ("seed", "epochs", "arch", "lr", "input_size", "batch_size"):
+            assert config[key] == baseline_args[key], key
+        assert config["method"] == row["method"]
+        assert row["accuracy_vs_baseline"] == pytest.approx(
+            row["accuracy"] - comparison["baseline"]["accuracy"])
+        assert row["seconds_per_epoch"] > 0
+    table = (run / "methods" / "comparison.md").read_text()
+    assert "| kd |" in table and "| at |" in table and "s/epoch" in table
+    rerun = run_script("compare_methods.py", *args)
+    assert rerun.returncode == 0 and "== method" not in rerun.stdout
+    refused = run_script("compare_methods.py", *args, "--", "--epochs", "3")
+    assert_one_line_error(refused, "--epochs after -- is set by compare_methods.py")
+    unknown = run_script("compare_methods.py", "--data-dir", data_dir, "--out-dir", run,
+                         "--methods", "kd+xyz")
+    assert_one_line_error(unknown, "--method 'kd+xyz'")

@@ -55,7 +55,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
     assert interrupted_epochs < 4, "the run finished before it could be killed"
 
     resumed = _train_and_test(data, killed, "--resume")
-    assert f"resuming after epoch" in resumed.stdout
+    assert "resuming after epoch" in resumed.stdout
     metrics_straight, history_straight, best_straight = _outcome(straight)
     metrics_killed, history_killed, best_killed = _outcome(killed)
     assert metrics_killed == metrics_straight
