@@ -227,11 +227,15 @@ def _prepare_stage_dir(stage_dir: Path, args) -> str:
     if status != "none" and not (args.resume or args.overwrite):
         raise ToolError(f"{stage_dir} already holds a {status} run; pass --resume to continue "
                         f"it or --overwrite to replace it")
+    # With --overwrite the old run is deleted only once every input has loaded
+    # (_clear_for_overwrite), so a bad input never costs the earlier results.
+    return "none" if args.overwrite else status
+
+
+def _clear_for_overwrite(stage_dir: Path, args) -> None:
     if args.overwrite and stage_dir.exists():
         shutil.rmtree(stage_dir)
-        status = "none"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    return status
 
 
 def _check_resume_settings(stage_dir: Path, args_dict: dict) -> dict:
@@ -332,6 +336,7 @@ def train_main(stage: str, argv=None) -> int:
     if args.compile:
         model.compile()
 
+    _clear_for_overwrite(stage_dir, args)
     record = run_record(args_dict, {
         "stage": stage, "device": _device_name(device),
         "split": {"seed": split.seed, "fingerprint": split.fingerprint,

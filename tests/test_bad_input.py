@@ -218,3 +218,26 @@ def test_grey_rgba_and_palette_images_are_converted(data_copy, tmp_path):
     result = run_script("train_student.py", "--data-dir", data_copy,
                         "--out-dir", tmp_path / "run", *TINY_TRAIN_ARGS)
     assert result.returncode == 0, result.stderr
+
+
+def _snapshot(folder):
+    return {path.relative_to(folder): path.read_bytes()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_bad_input_with_overwrite_leaves_a_finished_run_untouched(finished_run, data_copy,
+                                                                   tmp_path):
+    _, out_dir, _, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out_dir, run)
+    before = _snapshot(run)
+    (data_copy / "upscale_train" / "TRAIN_00004.png").write_bytes(b"broken")
+    for script, extra in (("train_teacher.py", ["--no-cache"]),
+                          ("train_kd_student.py", ["--teacher-ckpt", tmp_path / "nope.pt"])):
+        result = run_script(script, "--data-dir", data_copy, "--out-dir", run,
+                            *TINY_TRAIN_ARGS, "--overwrite", *extra)
+        assert_one_line_error(result)
+    result = run_script("train_student.py", "--data-dir", tmp_path / "missing", "--out-dir",
+                        run, *TINY_TRAIN_ARGS, "--overwrite")
+    assert_one_line_error(result, "data folder")
+    assert _snapshot(run) == before
