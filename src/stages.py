@@ -225,8 +225,9 @@ def _prepare_stage_dir(stage_dir: Path, args) -> str:
     if args.resume and status == "none":
         raise ToolError(f"--resume: nothing to resume in {stage_dir} (no last.pt)")
     if status != "none" and not (args.resume or args.overwrite):
-        raise ToolError(f"{stage_dir} already holds a {status} run; pass --resume to continue "
-                        f"it or --overwrite to replace it")
+        article = "an" if status == "unfinished" else "a"
+        raise ToolError(f"{stage_dir} already holds {article} {status} run; pass --resume to "
+                        f"continue it or --overwrite to replace it")
     # With --overwrite the old run is deleted only once every input has loaded
     # (_clear_for_overwrite), so a bad input never costs the earlier results.
     return "none" if args.overwrite else status
