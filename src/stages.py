@@ -487,8 +487,8 @@ def compare_stages(out_dir: Path, assets_dir: Path) -> dict | None:
     print(f"KD - baseline: {100 * gain:+.2f} points accuracy, "
           f"{100 * (kd['macro_f1'] - baseline['macro_f1']):+.2f} points macro-F1"
           + (f"; {100 * gain / gap:.0f}% of the teacher-baseline gap closed" if gap > 0 else ""))
-    print(f"(one run each on {baseline['n']} test images: differences of a point or two can be "
-          f"run-to-run noise)")
+    print(f"(one run each on {baseline['n']} test images: evaluate_all.py gives intervals and "
+          f"p-values, run_seeds.py the spread over seeds)")
     for warning in warnings:
         print(f"warning: {warning}")
 
