@@ -7,16 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from sklearn.cluster import KMeans
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix, f1_score, v_measure_score
 
 from .cli import ToolError, ensure_writable_dir, write_json, write_text
 from .data import decode_image
-from .plots import plot_comparison, plot_confusion, plot_curves, plot_embeddings, \
-    plot_per_class_f1, plot_sample_predictions
-from .stages import STAGES, comparability_warnings, load_saved_split, test_stage
+from .plots import plot_confusion, plot_embeddings, plot_per_class_f1, plot_sample_predictions
+from .stages import STAGES, comparability_warnings, load_saved_split, plot_comparison_figures, \
+    test_stage
 from .stats import gap_closed, mcnemar_exact, paired_bootstrap
 
 
@@ -104,21 +103,9 @@ def _points(value: float) -> str:
 
 def write_figures(results: dict, predictions: dict, labels: np.ndarray, split, args) -> list:
     assets = ensure_writable_dir(args.assets_dir, "--assets-dir")
-    out_dir = Path(args.out_dir)
     classes = split.classes
     titles = {stage: STAGES[stage]["title"] for stage in results}
-    written = [plot_comparison({titles[s]: r for s, r in results.items()},
-                               assets / "test_accuracy_comparison.png")]
-    histories = {"baseline (hard labels)": out_dir / "student" / "history.csv",
-                 "KD student": out_dir / "kd_student" / "history.csv"}
-    if all(path.exists() for path in histories.values()):
-        frames = {name: pd.read_csv(path) for name, path in histories.items()}
-        for split_name in ("train", "val"):
-            for kind, column, label in (("acc", f"{split_name}_acc", "accuracy"),
-                                        ("loss", "train_ce" if split_name == "train"
-                                         else "val_loss", "cross-entropy")):
-                path = assets / f"kd_vs_hard_{split_name}_{kind}.png"
-                written.append(plot_curves(frames, column, f"{split_name} {label}", path))
+    written = plot_comparison_figures(results, args.out_dir, assets)
 
     class_ids = np.arange(len(classes))
     per_class = {titles[s]: f1_score(labels, p, labels=class_ids, average=None, zero_division=0)

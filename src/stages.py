@@ -496,6 +496,14 @@ def compare_stages(out_dir: Path, assets_dir: Path) -> dict | None:
         "accuracy": gain, "macro_f1": kd["macro_f1"] - baseline["macro_f1"]},
         "comparable": not warnings, "warnings": warnings}
     write_json(Path(out_dir) / "comparison.json", comparison)
+    written = plot_comparison_figures(metrics, out_dir, assets_dir)
+    print("figures: " + ", ".join(str(path) for path in written))
+    return comparison
+
+
+def plot_comparison_figures(metrics: dict, out_dir: Path, assets_dir: Path) -> list[Path]:
+    """The test comparison bars of the stages in ``metrics`` and, when both students have a
+    history, the kd_vs_hard_{train,val}_{acc,loss} curves. Returns the files written."""
     assets_dir = ensure_writable_dir(assets_dir, "--assets-dir")
     written = [plot_comparison({STAGES[s]["title"]: m for s, m in metrics.items()},
                                assets_dir / "test_accuracy_comparison.png")]
@@ -503,15 +511,15 @@ def compare_stages(out_dir: Path, assets_dir: Path) -> dict | None:
                  "KD student": Path(out_dir) / "kd_student" / "history.csv"}
     if all(path.exists() for path in histories.values()):
         frames = {name: pd.read_csv(path) for name, path in histories.items()}
-        for split_name, prefix in (("train", "train"), ("val", "val")):
-            for kind, column, label in (("acc", f"{prefix}_acc", "accuracy"),
-                                        ("loss", f"{prefix}_loss" if prefix == "val"
-                                         else "train_ce", "cross-entropy")):
+        for split_name in ("train", "val"):
+            # Training loss is plotted as plain cross-entropy: the KD run's total loss has an
+            # extra term and would not be on the baseline's scale.
+            for kind, column, label in (("acc", f"{split_name}_acc", "accuracy"),
+                                        ("loss", "train_ce" if split_name == "train"
+                                         else "val_loss", "cross-entropy")):
                 path = assets_dir / f"kd_vs_hard_{split_name}_{kind}.png"
-                plot_curves(frames, column, f"{split_name} {label}", path)
-                written.append(path)
-    print("figures: " + ", ".join(str(path) for path in written))
-    return comparison
+                written.append(plot_curves(frames, column, f"{split_name} {label}", path))
+    return written
 
 
 def comparability_warnings(out_dir: Path) -> list[str]:
