@@ -16,7 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .cli import ToolError
-from .data import MIN_IMAGES_PER_CLASS, decode_image, read_test_table, read_train_table
+from .data import MIN_IMAGES_PER_CLASS, decode_image, pair_scale, read_test_table, \
+    read_train_table
 
 
 @dataclass
@@ -110,9 +111,9 @@ def check_dataset(data_dir: Path, pair_tolerance: float = 16.0) -> Report:
 def _pair_problem(lr: np.ndarray, hr: np.ndarray, tolerance: float) -> str | None:
     """Why an LR image and its HR twin do not look like one sample, or None."""
     (lr_h, lr_w), (hr_h, hr_w) = lr.shape[:2], hr.shape[:2]
-    if hr_h % lr_h or hr_w % lr_w or hr_h // lr_h != hr_w // lr_w or hr_h <= lr_h:
+    scale = pair_scale((lr_h, lr_w), (hr_h, hr_w))
+    if scale is None:
         return (f"HR {hr_w}x{hr_h} is not the LR {lr_w}x{lr_h} scaled by one whole factor")
-    scale = hr_h // lr_h
     shrunk = hr.reshape(lr_h, scale, lr_w, scale, 3).astype(np.float32).mean(axis=(1, 3))
     difference = float(np.abs(shrunk - lr.astype(np.float32)).mean())
     if difference > tolerance:

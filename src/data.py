@@ -329,11 +329,18 @@ class ImageSet:
         return int(self.pixels[resolution].shape[1])
 
 
+def pair_scale(lr_size, hr_size) -> int | None:
+    """The whole factor (> 1) by which the HR size scales the LR size, or None if none does."""
+    (lr_h, lr_w), (hr_h, hr_w) = lr_size, hr_size
+    if hr_h % lr_h or hr_w % lr_w or hr_h // lr_h != hr_w // lr_w or hr_h <= lr_h:
+        return None
+    return hr_h // lr_h
+
+
 def check_pair_sizes(lr_size, hr_size) -> None:
     """The HR twin must be the LR image scaled by one whole factor (4 on DACON)."""
-    lr_h, lr_w = lr_size
-    hr_h, hr_w = hr_size
-    if hr_h % lr_h or hr_w % lr_w or hr_h // lr_h != hr_w // lr_w or hr_h <= lr_h:
+    (lr_h, lr_w), (hr_h, hr_w) = lr_size, hr_size
+    if pair_scale(lr_size, hr_size) is None:
         raise ToolError(f"HR images are {hr_w}x{hr_h} and LR images {lr_w}x{lr_h}: the HR twin "
                         f"must be the LR image scaled up by one whole factor (4 on DACON); "
                         f"are upscale_img_path and img_path swapped or from other samples?")
