@@ -368,7 +368,6 @@ def batch_indices(indices: np.ndarray, batch_size: int, generator: torch.Generat
 def gather_batch(images: ImageSet, index: np.ndarray, resolutions, pin: bool) -> dict:
     """Host tensors for one batch: ``uint8`` images (N, 3, H, W) per resolution, labels, and
     the rows' positions in the split (``index``)."""
-    index = np.sort(index) if isinstance(images.pixels.get("hr"), np.memmap) else index
     batch = {}
     for resolution in resolutions:
         pixels = torch.from_numpy(np.ascontiguousarray(images.pixels[resolution][index]))

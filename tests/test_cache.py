@@ -33,6 +33,23 @@ def test_disk_cache_holds_exactly_the_decoded_pixels(tiny_data, tmp_path):
     assert batch["index"].tolist() == [5, 2, 7]
 
 
+def test_memory_mapped_cache_gives_the_same_batches(tiny_data, tmp_path):
+    """A cache too large for memory is memory-mapped; batches must not depend on that
+    (same rows, same order, so each sample keeps its crop and flip)."""
+    split = load_or_create_split(tiny_data, tmp_path, seed=0, quiet=True)
+    in_memory = ImageSet.load(split, tiny_data, ["lr", "hr"], tmp_path / "cache", quiet=True)
+    mapped = ImageSet(split, {resolution: np.load(next((tmp_path / "cache").glob(
+        f"{resolution.upper()}-*.npy")), mmap_mode="r") for resolution in ("lr", "hr")},
+        in_memory.labels)
+    assert isinstance(mapped.pixels["hr"], np.memmap)
+    rows = np.array([9, 2, 30, 5])
+    expected = gather_batch(in_memory, rows, ["lr", "hr"], pin=False)
+    batch = gather_batch(mapped, rows, ["lr", "hr"], pin=False)
+    assert batch["index"].tolist() == rows.tolist()
+    for key in ("lr", "hr", "labels"):
+        assert torch.equal(batch[key], expected[key]), key
+
+
 def test_batched_views_match_a_per_image_pil_pipeline(tiny_data, tmp_path):
     """Our view (resize on the batch, flip by the affine grid) against the reference-style
     torchvision pipeline on PIL images: equal within resize rounding."""
