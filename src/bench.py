@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from itertools import islice
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -121,13 +122,6 @@ def _images_per_second(batches, work, device: torch.device, warmup: int = 1) -> 
     return count / (time.perf_counter() - start)
 
 
-def _take(iterable, count: int):
-    for number, item in enumerate(iterable):
-        if number == count:
-            return
-        yield item
-
-
 def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, arch: str, input_size: int,
                     batch_size: int, steps: int, pipeline_batches: int, workers: int,
                     runtime: Runtime) -> dict:
@@ -165,7 +159,7 @@ def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, arch: str, inp
         loader = DataLoader(torch.utils.data.Subset(dataset, train_idx), batch_size=batch_size,
                             shuffle=True, num_workers=workers, drop_last=True,
                             pin_memory=device.type == "cuda", persistent_workers=False)
-        for batch in _take(loader, count):
+        for batch in islice(loader, count):
             yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
     def our_batches(count: int):
