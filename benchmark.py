@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from src.bench import DACON_IMAGES, STAGE_RESOLUTIONS, print_report, run_benchmark
+from src.bench import DACON_IMAGES, STAGE_RESOLUTIONS, BenchSettings, print_report, \
+    run_benchmark
 from src.cli import ToolError, ensure_writable_dir, pick_device, run_main, write_json
 from src.trainer import Runtime
 
@@ -36,8 +37,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="timed training steps per measurement (default: 30 on CUDA, "
                              "8 on the CPU)")
-    parser.add_argument("--pipeline-batches", type=int, default=20,
+    parser.add_argument("--pipeline-batches", type=int, default=50,
                         help="timed batches when measuring the input pipeline alone")
+    parser.add_argument("--pipeline-rounds", type=int, default=3,
+                        help="input-pipeline measurements of ours and of the reference-style "
+                             "loader, alternating; the median of each is reported")
     parser.add_argument("--workers", type=int, default=2,
                         help="DataLoader workers of the reference-style loader (the "
                              "reference uses 2)")
@@ -48,17 +52,22 @@ def main() -> int:
     args = parser.parse_args()
     if args.images < 250:
         raise ToolError("--images must be at least 250 (25 classes, 10 per class to split)")
+    for flag in ("input_size", "batch_size", "steps", "pipeline_batches", "pipeline_rounds"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ToolError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
+    if args.workers < 0:
+        raise ToolError(f"--workers must be 0 or more, not {args.workers}")
     device = pick_device(args.device)
     cuda = device.type == "cuda"
     runtime = Runtime(device=device, amp=cuda, channels_last=cuda)
     out_dir = ensure_writable_dir(args.out_dir)
-    report = run_benchmark(
-        data_dir=out_dir / "data", out_dir=out_dir, images=args.images,
-        arch=args.arch or ("resnet50" if cuda else "resnet18"),
-        input_size=args.input_size,
-        batch_size=args.batch_size or (64 if cuda else 32),
+    settings = BenchSettings(
+        images=args.images, arch=args.arch or ("resnet50" if cuda else "resnet18"),
+        input_size=args.input_size, batch_size=args.batch_size or (64 if cuda else 32),
         steps=args.steps or (30 if cuda else 8), pipeline_batches=args.pipeline_batches,
-        workers=args.workers, runtime=runtime, stages=args.stages)
+        pipeline_rounds=args.pipeline_rounds, reference_workers=args.workers)
+    report = run_benchmark(out_dir / "data", out_dir, settings, runtime, args.stages)
     print_report(report)
     json_path = args.json or out_dir / "benchmark.json"
     write_json(json_path, report)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
-from itertools import islice
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +32,25 @@ from tqdm import tqdm
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, batch_indices, epoch_generator, \
     iterate_batches, load_or_create_split, make_views, sample_view_params, \
     view_grid
+from .cli import ToolError, keep_freed_memory
 from .distill import Distiller, HardLabels, LossWeights
 from .models import FrozenTeacher, build_model
 from .trainer import Runtime, train_step
 
 DACON_IMAGES = 15_834
 STAGE_RESOLUTIONS = {"teacher": ("hr",), "student": ("lr",), "kd_student": ("lr", "hr")}
+
+
+@dataclass
+class BenchSettings:
+    images: int = DACON_IMAGES
+    arch: str = "resnet18"
+    input_size: int = 224
+    batch_size: int = 32
+    steps: int = 8               # timed training steps per floor / full measurement
+    pipeline_batches: int = 50   # timed batches per input-pipeline measurement
+    pipeline_rounds: int = 3     # ours and reference-style alternate; the median is kept
+    reference_workers: int = 2
 
 
 # --- data ------------------------------------------------------------------------------
@@ -122,22 +137,26 @@ def _images_per_second(batches, work, device: torch.device, warmup: int = 1) -> 
     return count / (time.perf_counter() - start)
 
 
-def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, arch: str, input_size: int,
-                    batch_size: int, steps: int, pipeline_batches: int, workers: int,
+def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, settings: BenchSettings,
                     runtime: Runtime) -> dict:
-    device = runtime.device
+    device, batch_size = runtime.device, settings.batch_size
     resolutions = STAGE_RESOLUTIONS[stage]
-    sizes = {resolution: input_size for resolution in resolutions}
+    sizes = {resolution: settings.input_size for resolution in resolutions}
     split = images.split
     train_idx = split.indices("train")
     generator = epoch_generator(0, 1)
     order = batch_indices(train_idx, batch_size, generator, drop_last=True)
+    needed = max(settings.pipeline_batches, settings.steps) + 1
+    if len(order) < needed:
+        raise ToolError(f"{settings.images} images give {len(order)} training batches of "
+                        f"{batch_size}, the benchmark needs {needed}: raise --images or lower "
+                        f"--pipeline-batches / --steps")
     classes = len(split.classes)
 
     torch.manual_seed(0)
-    model = build_model(arch, classes)
+    model = build_model(settings.arch, classes)
     if stage == "kd_student":
-        objective = Distiller(model, [FrozenTeacher(build_model(arch, classes))], "kd",
+        objective = Distiller(model, [FrozenTeacher(build_model(settings.arch, classes))], "kd",
                               LossWeights())
     else:
         objective = HardLabels(model, resolutions[0])
@@ -157,7 +176,8 @@ def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, arch: str, inp
         dataset = ReferenceStyleDataset(data_dir, split.frame, images.labels, sizes,
                                         flip={"lr": True, "hr": stage != "kd_student"})
         loader = DataLoader(torch.utils.data.Subset(dataset, train_idx), batch_size=batch_size,
-                            shuffle=True, num_workers=workers, drop_last=True,
+                            shuffle=True, num_workers=settings.reference_workers,
+                            drop_last=True,
                             pin_memory=device.type == "cuda", persistent_workers=False)
         for batch in islice(loader, count):
             yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
@@ -168,18 +188,23 @@ def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, arch: str, inp
     def step_on(views_of):
         return lambda batch: train_step(objective, views_of(batch), batch, optimizer, runtime)
 
-    result = {}
-    result["pipeline_ours"] = _images_per_second(
-        our_batches(pipeline_batches + 1), our_views, device)
-    result["pipeline_reference"] = _images_per_second(
-        reference_loader(pipeline_batches + 1), lambda batch: None, device)
+    # The two pipelines alternate, so that a slow spell of a shared machine hits both.
+    rounds = {"ours": [], "reference": []}
+    for _ in range(settings.pipeline_rounds):
+        rounds["ours"].append(_images_per_second(
+            our_batches(settings.pipeline_batches + 1), our_views, device))
+        rounds["reference"].append(_images_per_second(
+            reference_loader(settings.pipeline_batches + 1), lambda batch: None, device))
+    result = {"pipeline_ours": statistics.median(rounds["ours"]),
+              "pipeline_reference": statistics.median(rounds["reference"]),
+              "pipeline_rounds": rounds}
     fixed = next(iter(our_batches(1)))
     fixed_views = our_views(fixed)
     result["floor"] = _images_per_second(
-        [fixed] * (steps + 1), step_on(lambda batch: fixed_views), device)
-    result["full_ours"] = _images_per_second(our_batches(steps + 1), step_on(our_views), device)
+        [fixed] * (settings.steps + 1), step_on(lambda batch: fixed_views), device)
+    result["full_ours"] = _images_per_second(our_batches(settings.steps + 1), step_on(our_views), device)
     result["full_reference"] = _images_per_second(
-        reference_loader(steps + 1),
+        reference_loader(settings.steps + 1),
         step_on(lambda batch: runtime.prepare({r: batch[r] for r in resolutions})), device)
     result["full_over_floor"] = result["full_ours"] / result["floor"]
     result["pipeline_ours_over_reference"] = result["pipeline_ours"] / result["pipeline_reference"]
@@ -202,10 +227,9 @@ def machine_description(device: torch.device) -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def run_benchmark(data_dir: Path, out_dir: Path, images: int, arch: str, input_size: int,
-                  batch_size: int, steps: int, pipeline_batches: int, workers: int,
-                  runtime: Runtime, stages) -> dict:
-    data_dir = write_benchmark_dataset(data_dir, images)
+def run_benchmark(data_dir: Path, out_dir: Path, settings: BenchSettings, runtime: Runtime,
+                  stages) -> dict:
+    data_dir = write_benchmark_dataset(data_dir, settings.images)
     split = load_or_create_split(data_dir, out_dir, seed=0, quiet=True)
     cache_dir = Path(out_dir) / "cache"
     fresh = not any(cache_dir.glob("*.npy"))
@@ -214,18 +238,15 @@ def run_benchmark(data_dir: Path, out_dir: Path, images: int, arch: str, input_s
     decode_seconds = time.perf_counter() - start
     report = {
         "machine": machine_description(runtime.device),
-        "settings": {"images": images, "arch": arch, "input_size": input_size,
-                     "batch_size": batch_size, "steps": steps,
-                     "pipeline_batches": pipeline_batches, "reference_workers": workers,
-                     "amp_bf16": runtime.amp, "channels_last": runtime.channels_last},
+        "settings": {**asdict(settings), "amp_bf16": runtime.amp,
+                     "channels_last": runtime.channels_last,
+                     "host_allocator": keep_freed_memory()},
         "decode_once_seconds": round(decode_seconds, 2),
         "decode_once_from": "image files" if fresh else "the disk cache",
         "stages": {},
     }
     for stage in stages:
-        report["stages"][stage] = benchmark_stage(stage, image_set, data_dir, arch, input_size,
-                                                  batch_size, steps, pipeline_batches, workers,
-                                                  runtime)
+        report["stages"][stage] = benchmark_stage(stage, image_set, data_dir, settings, runtime)
     return report
 
 
@@ -236,6 +257,7 @@ def print_report(report: dict) -> None:
     print(f"{settings['arch']} at {settings['input_size']} px, batch {settings['batch_size']}, "
           f"{settings['images']} image pairs; one-time decode {report['decode_once_seconds']}s "
           f"(from {report['decode_once_from']})")
+    print(f"host memory: {settings['host_allocator']}")
     header = (f"{'stage':<12}{'pipe ours':>11}{'pipe ref':>10}{'floor':>9}{'full ours':>11}"
               f"{'full ref':>10}{'full/floor':>12}{'pipe o/r':>10}{'full o/r':>10}")
     print("images per second:")

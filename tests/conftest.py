@@ -5,6 +5,7 @@ Everything runs on the CPU with ResNet18 at 32 px for one epoch, so a stage take
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +20,13 @@ TINY_TRAIN_ARGS = ["--arch", "resnet18", "--weights", "none", "--input-size", "3
                    "--epochs", "1", "--batch-size", "8", "--lr", "1e-3"]
 
 
-def run_script(script: str, *args, cwd: Path = ROOT, timeout: int = 300):
-    """Run a top-level script as a user would; returns the CompletedProcess."""
+def run_script(script: str, *args, cwd: Path = ROOT, timeout: int = 300,
+               env: dict | None = None):
+    """Run a top-level script as a user would (``env``: extra environment variables);
+    returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
