@@ -6,8 +6,8 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import TINY_TRAIN_ARGS, run_script
-from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, ViewParams, gather_batch, \
-    load_or_create_split, make_view
+from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, gather_batch, \
+    load_or_create_split, make_view, sample_view_params
 from src.distill import Distiller, LossWeights
 from src.models import build_model
 
@@ -50,25 +50,36 @@ def test_memory_mapped_cache_gives_the_same_batches(tiny_data, tmp_path):
         assert torch.equal(batch[key], expected[key]), key
 
 
-def test_batched_views_match_a_per_image_pil_pipeline(tiny_data, tmp_path):
-    """Our view (resize on the batch, flip by the affine grid) against the reference-style
-    torchvision pipeline on PIL images: equal within resize rounding."""
+def test_cached_views_match_a_per_image_pil_pipeline_and_stay_paired(tiny_data, tmp_path):
+    """Our views from the disk cache (both resolutions, one crop and flip per sample)
+    against the straightforward path: open each file with PIL, cut that sample's box at
+    the file's own resolution, mirror it, resize, ToTensor, Normalize. Equal within resize
+    rounding at both resolutions, so the cache changes neither pixels nor pairing."""
     split = load_or_create_split(tiny_data, tmp_path, seed=0, quiet=True)
-    images = ImageSet.load(split, tiny_data, ["lr"], cache_dir=None, quiet=True)
-    rows = np.arange(6)
-    batch = gather_batch(images, rows, ["lr"], pin=False)
-    reference = transforms.Compose([
-        transforms.Resize((32, 32), interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    flip = torch.tensor([True, False, True, False, True, False])
-    ours = make_view(batch["lr"], 32, ViewParams(torch.tensor([[0, 0, 8, 8]] * 6), flip, 8))
-    for position, row in enumerate(rows):
-        pil = Image.open(tiny_data / split.frame["img_path"].iloc[row]).convert("RGB")
-        if flip[position]:
-            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
-        expected = reference(pil)
-        # PIL rounds its resized image to 8 bits: half a grey level over the smallest std.
-        assert (ours[position] - expected).abs().max().item() < 1.5 / 255 / min(IMAGENET_STD)
+    decoded = ImageSet.load(split, tiny_data, ["lr", "hr"], tmp_path / "cache", quiet=True)
+    cached = ImageSet.load(split, tiny_data, ["lr", "hr"], tmp_path / "cache", quiet=True)
+    assert all(np.array_equal(decoded.pixels[r], cached.pixels[r]) for r in ("lr", "hr"))
+    rows = np.arange(8)
+    batch = gather_batch(cached, rows, ["lr", "hr"], pin=False)
+    params = sample_view_params(len(rows), torch.Generator().manual_seed(3), True, 0.3, grid=8)
+    assert params.flip.any() and not params.flip.all()
+    assert (params.boxes[:, 2:] < 8).any()  # some real crops, not only whole images
+    to_tensor = transforms.Compose([transforms.ToTensor(),
+                                    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    columns = {"lr": "img_path", "hr": "upscale_img_path"}
+    for resolution, column in columns.items():
+        ours = make_view(batch[resolution], 32, params)
+        for position, row in enumerate(rows):
+            pil = Image.open(tiny_data / split.frame[column].iloc[row]).convert("RGB")
+            cell = pil.width // params.grid
+            top, left, height, width = (params.boxes[position] * cell).tolist()
+            view = pil.crop((left, top, left + width, top + height))
+            if params.flip[position]:
+                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+            expected = to_tensor(view.resize((32, 32), Image.BILINEAR))
+            # PIL rounds its resized image to 8 bits: 1.5 grey levels over the smallest std.
+            assert (ours[position] - expected).abs().max().item() < \
+                1.5 / 255 / min(IMAGENET_STD), (resolution, position)
 
 
 def test_cached_teacher_logits_equal_the_online_teacher_without_augmentation():
