@@ -433,6 +433,15 @@ def _resize_into(images: torch.Tensor, out: torch.Tensor) -> None:
                                                    None, None, out=out)
 
 
+_row_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _row_pool(lanes: int) -> ThreadPoolExecutor:
+    if lanes not in _row_pools:
+        _row_pools[lanes] = ThreadPoolExecutor(lanes, thread_name_prefix="view-rows")
+    return _row_pools[lanes]
+
+
 def make_view(pixels: torch.Tensor, size: int, params: ViewParams | None) -> torch.Tensor:
     """Crop, flip and resize a ``uint8`` batch (B, 3, H, W) to ``size`` and normalise it.
 
@@ -454,12 +463,24 @@ def make_view(pixels: torch.Tensor, size: int, params: ViewParams | None) -> tor
             raise ValueError(f"a {side}px image is not a whole multiple of the "
                              f"{params.grid}-cell crop grid")
         boxes = (params.boxes * (side // params.grid)).tolist()
-        for row, ((top, left, height, width), flip) in enumerate(zip(boxes,
-                                                                     params.flip.tolist())):
-            crop = pixels[row:row + 1, :, top:top + height, left:left + width]
-            # Mirroring the crop before resizing it equals mirroring the view (bilinear
-            # weights are symmetric) and copies far fewer pixels when upsampling.
-            _resize_into(crop.flip(-1) if flip else crop, resized[row:row + 1])
+        flips = params.flip.tolist()
+
+        def resize_rows(rows: range) -> None:
+            for row in rows:
+                top, left, height, width = boxes[row]
+                crop = pixels[row:row + 1, :, top:top + height, left:left + width]
+                # Mirroring the crop before resizing it equals mirroring the view (bilinear
+                # weights are symmetric) and copies far fewer pixels when upsampling.
+                _resize_into(crop.flip(-1) if flips[row] else crop, resized[row:row + 1])
+
+        lanes = torch.get_num_threads() if pixels.device.type == "cpu" else 1
+        if lanes > 1:
+            # One 224 px resize is too small for torch to spread over its threads; rows on
+            # threads of our own are (torch releases the GIL in its kernels).
+            list(_row_pool(lanes).map(resize_rows, [range(lane, len(boxes), lanes)
+                                                    for lane in range(lanes)]))
+        else:
+            resize_rows(range(len(boxes)))
     mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1)
     # (x / 255 - mean) / std, in place on the one float copy (measured fastest on the CPU).
