@@ -228,15 +228,25 @@ def _decode_all(paths: list[Path], target: np.ndarray, description: str) -> None
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _files_fingerprint(paths: list[Path]) -> str:
-    """Key of a cache: the ordered file list with each file's size and modification time."""
-    digest = hashlib.sha256()
-    for path in paths:
+def _content_fingerprint(paths: list[Path], description: str) -> str:
+    """Key of a cache: the image files' bytes, in order. A moved dataset keeps its cache; a
+    changed image gets a new one, whatever its size and date. Hashing reads the files but
+    decodes nothing: about 1 s for DACON's 0.5 GB on two cores, against ~25 s to decode."""
+
+    def file_digest(path: Path) -> bytes:
         try:
-            stat = path.stat()
+            return hashlib.sha256(path.read_bytes()).digest()
         except FileNotFoundError:
             raise ToolError(f"image not found: {path}") from None
-        digest.update(f"{path}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\x1e".encode())
+        except OSError as error:
+            raise ToolError(f"cannot read image {path}: {error.strerror}") from None
+
+    digest = hashlib.sha256()
+    # File reads and hashing release the GIL, so threads overlap them.
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        for file_hash in tqdm(pool.map(file_digest, paths), total=len(paths),
+                              desc=f"checking {description} images", unit="img", leave=False):
+            digest.update(file_hash)
     return digest.hexdigest()[:16]
 
 
@@ -245,7 +255,7 @@ def load_images(data_dir: Path, relative_paths, cache_dir: Path | None, descript
     """All images of one resolution as an (N, H, W, 3) ``uint8`` array, decoded once.
 
     With ``cache_dir`` the array is kept in ``<cache_dir>/<description>-<key>.npy``, keyed
-    by the files' paths, sizes and modification times, and reused by later stages and runs.
+    by the files' contents, and reused by later stages and runs.
     A cache larger than half the available memory is memory-mapped instead of read in.
     """
     paths = [Path(data_dir) / relative for relative in relative_paths]
@@ -258,7 +268,7 @@ def load_images(data_dir: Path, relative_paths, cache_dir: Path | None, descript
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file = cache_dir / f"{description}-{_files_fingerprint(paths)}.npy"
+    cache_file = cache_dir / f"{description}-{_content_fingerprint(paths, description)}.npy"
     size = math.prod(shape)
     if not cache_file.exists():
         free = shutil.disk_usage(cache_dir).free

@@ -1,5 +1,10 @@
 """The decode-once paths feed the same pixels and pairing as straightforward ones."""
 
+import itertools
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -116,3 +121,29 @@ def test_teacher_cache_trains_end_to_end_and_is_reused(finished_run, tmp_path):
     second = run_script("train_kd_student.py", *args)
     assert second.returncode == 0, second.stderr
     assert "teacher logits from" in second.stdout
+
+
+def test_cache_is_keyed_by_image_content(data_copy, tmp_path):
+    """A moved dataset reuses its cache; two images swapped, with their sizes and dates
+    kept, get a new cache holding the swapped pixels."""
+    split = load_or_create_split(data_copy, tmp_path / "out", seed=0, quiet=True)
+    cache_dir = tmp_path / "cache"
+    before = ImageSet.load(split, data_copy, ["lr"], cache_dir, quiet=True).pixels["lr"]
+    moved = Path(shutil.move(data_copy, tmp_path / "moved"))
+    ImageSet.load(split, moved, ["lr"], cache_dir, quiet=True)
+    assert len(list(cache_dir.glob("*.npy"))) == 1
+
+    files = [moved / path for path in split.frame["img_path"]]
+    first, second = next((a, b) for a, b in itertools.combinations(range(len(files)), 2)
+                         if files[a].stat().st_size == files[b].stat().st_size
+                         and files[a].read_bytes() != files[b].read_bytes())
+    dates = [(files[i].stat().st_atime_ns, files[i].stat().st_mtime_ns) for i in (first, second)]
+    first_bytes, second_bytes = files[first].read_bytes(), files[second].read_bytes()
+    files[first].write_bytes(second_bytes)
+    files[second].write_bytes(first_bytes)
+    for i, date in zip((first, second), dates):
+        os.utime(files[i], ns=date)
+    after = ImageSet.load(split, moved, ["lr"], cache_dir, quiet=True).pixels["lr"]
+    assert len(list(cache_dir.glob("*.npy"))) == 2
+    assert np.array_equal(after[first], before[second])
+    assert np.array_equal(after[second], before[first])
