@@ -39,7 +39,7 @@ def main() -> int:
                              "8 on the CPU)")
     parser.add_argument("--pipeline-batches", type=int, default=50,
                         help="timed batches when measuring the input pipeline alone")
-    parser.add_argument("--pipeline-rounds", type=int, default=3,
+    parser.add_argument("--pipeline-rounds", type=int, default=5,
                         help="input-pipeline measurements of ours and of the reference-style "
                              "loader, alternating; the median of each is reported")
     parser.add_argument("--workers", type=int, default=2,

@@ -49,7 +49,7 @@ class BenchSettings:
     batch_size: int = 32
     steps: int = 8               # timed training steps per floor / full measurement
     pipeline_batches: int = 50   # timed batches per input-pipeline measurement
-    pipeline_rounds: int = 3     # ours and reference-style alternate; the median is kept
+    pipeline_rounds: int = 5     # ours and reference-style alternate; the median is kept
     reference_workers: int = 2
 
 
