@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
+from .cli import ToolError, keep_freed_memory
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, batch_indices, epoch_generator, \
     iterate_batches, load_or_create_split, make_views, sample_view_params, \
     view_grid
-from .cli import ToolError, keep_freed_memory
 from .distill import Distiller, HardLabels, LossWeights
 from .models import FrozenTeacher, build_model
 from .trainer import Runtime, train_step
@@ -202,7 +202,8 @@ def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, settings: Benc
     fixed_views = our_views(fixed)
     result["floor"] = _images_per_second(
         [fixed] * (settings.steps + 1), step_on(lambda batch: fixed_views), device)
-    result["full_ours"] = _images_per_second(our_batches(settings.steps + 1), step_on(our_views), device)
+    result["full_ours"] = _images_per_second(our_batches(settings.steps + 1),
+                                             step_on(our_views), device)
     result["full_reference"] = _images_per_second(
         reference_loader(settings.steps + 1),
         step_on(lambda batch: runtime.prepare({r: batch[r] for r in resolutions})), device)
@@ -232,10 +233,11 @@ def run_benchmark(data_dir: Path, out_dir: Path, settings: BenchSettings, runtim
     data_dir = write_benchmark_dataset(data_dir, settings.images)
     split = load_or_create_split(data_dir, out_dir, seed=0, quiet=True)
     cache_dir = Path(out_dir) / "cache"
-    fresh = not any(cache_dir.glob("*.npy"))
+    caches_before = set(cache_dir.glob("*.npy"))
     start = time.perf_counter()
     image_set = ImageSet.load(split, data_dir, ["lr", "hr"], cache_dir)
     decode_seconds = time.perf_counter() - start
+    fresh = set(cache_dir.glob("*.npy")) != caches_before
     report = {
         "machine": machine_description(runtime.device),
         "settings": {**asdict(settings), "amp_bf16": runtime.amp,

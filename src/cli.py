@@ -29,8 +29,8 @@ EXIT_INTERRUPTED = 130
 
 # glibc's malloc hands every freed block above its mmap threshold (128 KiB, rising to
 # 32 MiB at most) back to the kernel, so each batch of views and each training step's
-# activations were page-faulted and zero-filled anew: on a 2-core CPU about a fifth of a
-# ResNet-18 step and half of the KD input pipeline (README, "Training speed").
+# activations were page-faulted and zero-filled anew: on a 2-core CPU that made training
+# steps 35-45% slower (benchmark.py with and without LRKD_DEFAULT_MALLOC; README, "Speed").
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEPT_FREED_BYTES = 1 << 30
 DEFAULT_MALLOC_VARIABLE = "LRKD_DEFAULT_MALLOC"
