@@ -444,6 +444,8 @@ def _resize_into(images: torch.Tensor, out: torch.Tensor) -> None:
 
 
 _row_pools: dict[int, ThreadPoolExecutor] = {}
+# A forked child (a DataLoader worker, say) inherits the pools but not their threads.
+os.register_at_fork(after_in_child=_row_pools.clear)
 
 
 def _row_pool(lanes: int) -> ThreadPoolExecutor:

@@ -1,5 +1,9 @@
 """Paired views: the teacher's HR view and the student's LR view show the same crop and flip."""
 
+import os
+import signal
+import time
+
 import torch
 
 from src.data import IMAGENET_STD, ViewParams, make_view, make_views, sample_view_params
@@ -78,3 +82,29 @@ def test_view_params_are_reproducible_and_inside_the_image():
     assert (top + height <= 64).all() and (left + width <= 64).all()
     area = (height * width).float() / 64 ** 2
     assert area.min() > 0.25 and area.max() <= 1.0
+
+
+def test_views_are_the_same_on_one_thread_and_after_a_fork():
+    """Rows resized on threads of our own equal rows resized one by one, and a forked child
+    (which inherits the thread pools but not their threads) still makes views."""
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(4))
+    params = sample_view_params(6, torch.Generator().manual_seed(6), True, 0.3, grid=8)
+    threaded = make_view(images, 40, params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(make_view(images, 40, params), threaded)
+    finally:
+        torch.set_num_threads(threads)
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if torch.equal(make_view(images, 40, params), threaded) else 1)
+    deadline = time.monotonic() + 60
+    while (finished := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if finished[0] == 0:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert finished[0] == child, "the forked child hung making a view"
+    assert os.waitstatus_to_exitcode(finished[1]) == 0
