@@ -231,7 +231,7 @@ def _decode_all(paths: list[Path], target: np.ndarray, description: str) -> None
 def _content_fingerprint(paths: list[Path], description: str) -> str:
     """Key of a cache: the image files' bytes, in order. A moved dataset keeps its cache; a
     changed image gets a new one, whatever its size and date. Hashing reads the files but
-    decodes nothing: about 3 s for DACON's 0.5 GB on two cores, against ~25 s to decode."""
+    decodes nothing: ~3 s on 2 cores for 15,834 DACON-sized JPEG pairs, against ~25 s to decode."""
 
     def file_digest(path: Path) -> bytes:
         try:
