@@ -15,7 +15,8 @@ import torch
 
 from src.bench import DACON_IMAGES, STAGE_RESOLUTIONS, BenchSettings, print_report, \
     run_benchmark
-from src.cli import ToolError, ensure_writable_dir, pick_device, run_main, write_json
+from src.cli import ToolError, ensure_writable_dir, pick_device, require_at_least_one, run_main, \
+    write_json
 from src.trainer import Runtime
 
 
@@ -52,10 +53,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.images < 250:
         raise ToolError("--images must be at least 250 (25 classes, 10 per class to split)")
-    for flag in ("input_size", "batch_size", "steps", "pipeline_batches", "pipeline_rounds"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ToolError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
+    require_at_least_one({"--input-size": args.input_size, "--batch-size": args.batch_size,
+                          "--steps": args.steps, "--pipeline-batches": args.pipeline_batches,
+                          "--pipeline-rounds": args.pipeline_rounds})
     if args.workers < 0:
         raise ToolError(f"--workers must be 0 or more, not {args.workers}")
     device = pick_device(args.device)

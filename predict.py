@@ -6,7 +6,8 @@
 import argparse
 from pathlib import Path
 
-from src.cli import ToolError, ensure_writable_dir, pick_device, run_main, write_csv
+from src.cli import ToolError, ensure_writable_dir, pick_device, require_at_least_one, run_main, \
+    write_csv
 from src.predict import predict_test_set
 from src.stages import cache_dir_for, common_arguments, runtime_for
 
@@ -26,8 +27,7 @@ def main() -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing submission file")
     args = parser.parse_args()
-    if args.batch_size < 1:
-        raise ToolError(f"--batch-size must be at least 1 (got {args.batch_size})")
+    require_at_least_one({"--batch-size": args.batch_size})
     ckpt = args.ckpt or args.out_dir / args.stage / "best.pt"
     output = args.output or args.out_dir / args.stage / "submission.csv"
     if output.exists() and not args.overwrite:

@@ -73,6 +73,13 @@ def run_main(main: Callable[[], int | None]) -> None:
         sys.exit(EXIT_INTERRUPTED)
 
 
+def require_at_least_one(values: dict[str, int | None]) -> None:
+    """One-line error for the first flag (``{"--steps": 0}``) below 1; ``None`` is unset."""
+    for flag, value in values.items():
+        if value is not None and value < 1:
+            raise ToolError(f"{flag} must be at least 1 (got {value})")
+
+
 def split_passthrough(argv: list[str], reserved: set[str], who: str) -> tuple[list, list]:
     """``[own options] -- [options for the scripts it runs]``: the two lists. Options the
     runner sets itself (``reserved``) may not appear after ``--``."""

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, \
-    save_torch, write_csv, write_json
+from .cli import ToolError, ensure_writable_dir, pick_device, read_json, require_at_least_one, \
+    run_record, save_torch, write_csv, write_json
 from .data import ImageSet, load_or_create_split
 from .distill import Distiller, HardLabels, LossWeights, parse_method
 from .models import TESTED_ARCHS, build_model, load_checkpoint
@@ -193,12 +193,10 @@ def test_parser(stage: str) -> argparse.ArgumentParser:
 # --- training --------------------------------------------------------------------------
 
 def _check_arguments(args) -> None:
-    positive = {"--batch-size": args.batch_size, "--epochs": getattr(args, "epochs", 1),
-                "--input-size": getattr(args, "input_size", 1),
-                "--patience": getattr(args, "patience", 1)}
-    for flag, value in positive.items():
-        if value < 1:
-            raise ToolError(f"{flag} must be at least 1 (got {value})")
+    require_at_least_one({"--batch-size": args.batch_size,
+                          "--epochs": getattr(args, "epochs", 1),
+                          "--input-size": getattr(args, "input_size", 1),
+                          "--patience": getattr(args, "patience", 1)})
     if hasattr(args, "crop_scale") and not 0 < args.crop_scale <= 1:
         raise ToolError(f"--crop-scale must be in (0, 1] (got {args.crop_scale})")
     if hasattr(args, "temperature") and args.temperature <= 0:
