@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from tqdm import tqdm
 
-from .cli import ToolError, keep_freed_memory
+from .cli import ToolError, keep_freed_memory, progress_bar
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, batch_indices, epoch_generator, \
     iterate_batches, load_or_create_split, make_views, sample_view_params, \
     view_grid
@@ -78,7 +77,7 @@ def write_benchmark_dataset(out_dir: Path, images: int, lr_size: int = 64, scale
         hr_image.reduce(scale).save(out_dir / "train" / name, quality=95)
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        list(tqdm(pool.map(write, range(images)), total=images, desc="writing benchmark data",
+        list(progress_bar(pool.map(write, range(images)), total=images, desc="writing benchmark data",
                   unit="pair", leave=False))
     names = [f"TRAIN_{n:05d}.{image_format}" for n in range(images)]
     pd.DataFrame({"img_path": [f"./train/{n}" for n in names],

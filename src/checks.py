@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from .cli import ToolError
+from .cli import ToolError, progress_bar
 from .data import MIN_IMAGES_PER_CLASS, decode_image, pair_scale, read_test_table, \
     read_train_table
 
@@ -47,7 +46,7 @@ def _decode_many(paths: list[Path], description: str) -> list:
             return str(error)
 
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        return list(tqdm(pool.map(decode, paths), total=len(paths), desc=description,
+        return list(progress_bar(pool.map(decode, paths), total=len(paths), desc=description,
                          unit="img", leave=False))
 
 

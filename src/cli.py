@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 
 class ToolError(Exception):
@@ -71,6 +72,13 @@ def run_main(main: Callable[[], int | None]) -> None:
         print("interrupted: finished epochs are saved; rerun with --resume to continue",
               file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def progress_bar(iterable, **options):
+    """tqdm that draws only on a terminal: a log file gets the scripts' one line per epoch,
+    not thousands of carriage-return updates (tqdm's ``disable=None``)."""
+    options.setdefault("disable", None)
+    return tqdm(iterable, **options)
 
 
 def require_at_least_one(values: dict[str, int | None]) -> None:

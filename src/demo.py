@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
+
+from .cli import progress_bar
 
 COLOURS = {"red": (200, 60, 50), "green": (60, 160, 70), "blue": (60, 90, 200),
            "yellow": (215, 190, 60), "purple": (140, 70, 170)}
@@ -81,8 +82,8 @@ def write_demo_dataset(out_dir: Path, per_class: int = 40, test_images: int = 50
     hr_size = lr_size * scale
     rows = []
     jobs = [(label, index) for index in range(per_class) for label in classes]
-    for number, (label, _) in enumerate(tqdm(jobs, desc="demo train images", leave=False,
-                                             disable=not progress)):
+    for number, (label, _) in enumerate(progress_bar(jobs, desc="demo train images", leave=False,
+                                             disable=None if progress else True)):
         colour, texture = label.split("_")
         hr = render_hr(rng, hr_size, colour, texture, scale)
         name = f"TRAIN_{number:05d}.png"

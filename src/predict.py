@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from .cli import ToolError
+from .cli import ToolError, progress_bar
 from .data import load_images, make_view, read_test_table
 from .models import load_checkpoint
 
@@ -33,7 +32,7 @@ def predict_test_set(data_dir: Path, ckpt: Path, cache_dir: Path | None, batch_s
     model.to(runtime.device).eval()
     size = int(meta["input_size"])
     predictions = []
-    for start in tqdm(range(0, len(table), batch_size), desc="predicting", unit="batch",
+    for start in progress_bar(range(0, len(table), batch_size), desc="predicting", unit="batch",
                       leave=False):
         batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch_size]))
         batch = batch.permute(0, 3, 1, 2).to(runtime.device)
