@@ -22,9 +22,8 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
-from .cli import ToolError, read_json, write_csv, write_json
+from .cli import ToolError, progress_bar, read_json, write_csv, write_json
 
 TRAIN_COLUMNS = ("img_path", "upscale_img_path", "label")
 TEST_COLUMNS = ("ID", "img_path")
@@ -147,27 +146,54 @@ def make_split(table: pd.DataFrame, seed: int) -> pd.DataFrame:
     return table.assign(subset=subset)
 
 
-def load_or_create_split(data_dir: Path, out_dir: Path, seed: int, quiet: bool = False) -> Split:
+def balanced_subset(table: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
+    """``per_class`` rows of every class, drawn at random (for quick iterations on large
+    data); rows keep their order in ``train.csv``."""
+    counts = table["label"].value_counts()
+    short = counts[counts < per_class]
+    if len(short):
+        raise ToolError(f"--split-per-class {per_class}: class {short.index[0]!r} has only "
+                        f"{int(short.iloc[0])} image(s)")
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([rng.choice(np.flatnonzero(table["label"].to_numpy() == label),
+                                        per_class, replace=False)
+                             for label in sorted(counts.index)])
+    return table.iloc[np.sort(chosen)].reset_index(drop=True)
+
+
+def load_or_create_split(data_dir: Path, out_dir: Path, seed: int, quiet: bool = False,
+                         per_class: int | None = None) -> Split:
     """Reuse ``<out-dir>/split.csv`` if present (checking it still matches the data),
-    otherwise split ``train.csv`` and save it, so every stage sees the same images."""
+    otherwise split ``train.csv`` (or a balanced subset of ``per_class`` images of each
+    class) and save it, so every stage sees the same images."""
     table = read_train_table(data_dir)
     split_csv, split_json = Path(out_dir) / "split.csv", Path(out_dir) / "split.json"
     data_fingerprint = table_fingerprint(table.sort_values("img_path"), TRAIN_COLUMNS)
     if split_csv.exists():
         saved = read_table(split_csv, (*TRAIN_COLUMNS, "subset"))
         meta = read_json(split_json)
-        _check_split_matches(saved, table, split_csv, data_dir)
+        saved_per_class = meta.get("per_class")
+        if per_class is not None and per_class != saved_per_class:
+            raise ToolError(f"{split_csv} was made with "
+                            + (f"{saved_per_class} images per class" if saved_per_class
+                               else "every labelled image")
+                            + f", not --split-per-class {per_class}; use a new --out-dir")
+        _check_split_matches(saved, table, split_csv, data_dir,
+                             subset=saved_per_class is not None)
         if meta.get("seed") != seed and not quiet:
             print(f"note: reusing {split_csv} (made with seed {meta.get('seed')}); "
                   f"--seed {seed} sets initialisation and data order only")
         return Split(saved, list(meta["classes"]), int(meta["seed"]),
                      meta.get("fingerprint", data_fingerprint))
+    if per_class is not None:
+        table = balanced_subset(table, per_class, seed)
     frame = make_split(table, seed)
     classes = sorted(frame["label"].unique())
     counts = frame["subset"].value_counts()
     write_csv(split_csv, frame)
     write_json(split_json, {"seed": seed, "fingerprint": data_fingerprint, "classes": classes,
-                            "counts": {name: int(counts.get(name, 0)) for name in SUBSETS}})
+                            "counts": {name: int(counts.get(name, 0)) for name in SUBSETS},
+                            "per_class": per_class})
     if not quiet:
         print(f"split {len(frame)} images of {len(classes)} classes into "
               + ", ".join(f"{name} {counts.get(name, 0)}" for name in SUBSETS)
@@ -176,10 +202,12 @@ def load_or_create_split(data_dir: Path, out_dir: Path, seed: int, quiet: bool =
 
 
 def _check_split_matches(saved: pd.DataFrame, table: pd.DataFrame, split_csv: Path,
-                         data_dir: Path) -> None:
+                         data_dir: Path, subset: bool = False) -> None:
+    """The data still holds every row of the split, unchanged (and, unless the split is
+    of a balanced ``subset``, no row besides)."""
     saved_rows = dict(zip(saved["img_path"], zip(saved["upscale_img_path"], saved["label"])))
     rows = dict(zip(table["img_path"], zip(table["upscale_img_path"], table["label"])))
-    added = rows.keys() - saved_rows.keys()
+    added = set() if subset else rows.keys() - saved_rows.keys()
     removed = saved_rows.keys() - rows.keys()
     changed = [path for path in rows.keys() & saved_rows.keys() if rows[path] != saved_rows[path]]
     if added or removed or changed:
@@ -220,7 +248,7 @@ def _decode_all(paths: list[Path], target: np.ndarray, description: str) -> None
     # PIL releases the GIL while decoding, so threads decode in parallel.
     pool = ThreadPoolExecutor(min(16, os.cpu_count() or 1))
     try:
-        for _ in tqdm(pool.map(decode_into, range(len(paths))), total=len(paths),
+        for _ in progress_bar(pool.map(decode_into, range(len(paths))), total=len(paths),
                       desc=f"decoding {description} images", unit="img", leave=False):
             pass
     finally:
@@ -244,7 +272,7 @@ def _content_fingerprint(paths: list[Path], description: str) -> str:
     digest = hashlib.sha256()
     # File reads and hashing release the GIL, so threads overlap them.
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-        for file_hash in tqdm(pool.map(file_digest, paths), total=len(paths),
+        for file_hash in progress_bar(pool.map(file_digest, paths), total=len(paths),
                               desc=f"checking {description} images", unit="img", leave=False):
             digest.update(file_hash)
     return digest.hexdigest()[:16]
@@ -509,3 +537,61 @@ def make_views(batch: dict, sizes: dict[str, int], params: ViewParams | None) ->
 def view_grid(batch: dict, sizes: dict[str, int]) -> int:
     """The crop grid of a batch: the side of its smallest image."""
     return min(batch[resolution].shape[-1] for resolution in sizes)
+
+
+# --- paired mixing ---------------------------------------------------------------------
+
+@dataclass
+class MixParams:
+    """One mixup or cutmix draw for a batch: every sample is mixed with ``partner`` (a
+    permutation of the batch), keeping the share ``lam`` of its own image. Cutmix pastes
+    the partner's ``box`` (top, left, height, width in cells of the batch's crop ``grid``)
+    instead of blending; ``lam`` is then the share of the view outside the box. The same
+    draw mixes the LR view and its HR twin, so the teacher sees the HR version of exactly
+    the mixed image the student sees."""
+
+    partner: torch.Tensor          # (B,) int64
+    lam: float
+    box: tuple | None = None       # cutmix only
+    grid: int = 1
+
+
+def sample_mix_params(batch_size: int, generator: torch.Generator, mixup: float,
+                      cutmix: float, grid: int) -> MixParams | None:
+    """Mixup (Zhang 2018) with ``lam ~ Beta(mixup, mixup)`` or cutmix (Yun 2019) with a box
+    of area ``1 - lam``, ``lam ~ Beta(cutmix, cutmix)``; with both on, each batch takes one
+    of the two at even odds; None when both are 0."""
+    if mixup <= 0 and cutmix <= 0:
+        return None
+    use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand((), generator=generator) < 0.5)
+    concentration = cutmix if use_cutmix else mixup
+    # Beta(a, a) from two Gamma draws, on the epoch generator so runs repeat exactly.
+    gammas = torch._standard_gamma(torch.full((2,), float(concentration)), generator=generator)
+    lam = float(gammas[0] / gammas.sum())
+    partner = torch.randperm(batch_size, generator=generator)
+    if not use_cutmix:
+        return MixParams(partner, lam)
+    side = min(grid, max(1, round(math.sqrt(1 - lam) * grid)))
+    top, left = (int(torch.randint(grid - side + 1, (), generator=generator)) for _ in range(2))
+    return MixParams(partner, 1 - side * side / (grid * grid), (top, left, side, side), grid)
+
+
+def mix_views(views: dict, mix: MixParams | None) -> dict:
+    """Apply one mixing draw to every view (LR and HR alike). Cutmix boxes are whole cells
+    of the crop grid, so in views whose side is a multiple of the grid they cover exactly
+    the same part of the image at every resolution."""
+    if mix is None:
+        return views
+    partner = mix.partner.to(next(iter(views.values())).device)
+    mixed = {}
+    for key, view in views.items():
+        if mix.box is None:
+            mixed[key] = view.mul(mix.lam).add_(view[partner], alpha=1 - mix.lam)
+            continue
+        side = view.shape[-1]
+        top, left, height, width = (round(cell * side / mix.grid) for cell in mix.box)
+        pasted = view.clone()
+        pasted[..., top:top + height, left:left + width] = \
+            view[partner][..., top:top + height, left:left + width]
+        mixed[key] = pasted
+    return mixed

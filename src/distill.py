@@ -4,7 +4,10 @@ already-weighted loss terms; the trainer logs every term and optimises their sum
 
 ``--method`` names the terms beside the hard-label cross-entropy: at most one logit method
 (``kd``, ``dkd``) and any feature methods (``at``, ``cwd``, ``mgd``, ``amd``), joined by
-``+`` (``kd+at``). The losses themselves live in ``losses.py``.
+``+`` (``kd+at``). Feature methods compare the maps of the layers ``--feature-layers``
+names (default: the last convolutional map), summed over layers. With paired mixup or
+cutmix (``batch["mix"]``) the cross-entropy weighs both labels of each mixed image and
+the teacher sees the mixed HR view itself. The losses themselves live in ``losses.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,18 @@ class LossWeights:
     mgd_mask: float = 0.5
     amd: float = 1.0
     teacher_weights: list = field(default_factory=lambda: [1.0])
+    feature_layers: tuple = ("last",)
+
+
+def hard_label_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Cross-entropy with the batch's labels; on a mixed batch, ``lam`` of it with each
+    image's own label and ``1 - lam`` with its partner's."""
+    loss = F.cross_entropy(logits.float(), batch["labels"])
+    mix = batch.get("mix")
+    if mix is None:
+        return loss
+    partner_loss = F.cross_entropy(logits.float(), batch["labels"][mix.partner])
+    return mix.lam * loss + (1 - mix.lam) * partner_loss
 
 
 class HardLabels(nn.Module):
@@ -65,7 +80,7 @@ class HardLabels(nn.Module):
 
     def forward(self, views: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = self.student(views[self.input_resolution])
-        return logits, {"ce": F.cross_entropy(logits.float(), batch["labels"])}
+        return logits, {"ce": hard_label_loss(logits, batch)}
 
     def predict(self, views: dict) -> torch.Tensor:
         return self.student(views[self.input_resolution])
@@ -80,23 +95,44 @@ class HardLabels(nn.Module):
 
 
 class FeatureTap:
-    """Keeps the last feature map entering a model's ``avgpool`` (the last convolutional
-    stage of torchvision's ResNets, MobileNets and EfficientNets), by a forward hook."""
+    """Keeps the feature maps of named layers of a model, by forward hooks: ``last`` is the
+    map entering ``avgpool`` (the last convolutional stage of torchvision's ResNets,
+    MobileNets and EfficientNets); any other name is a submodule whose output is kept
+    (``layer1`` ... ``layer4`` of a ResNet, ``features.3`` of a MobileNet)."""
 
-    def __init__(self, model: nn.Module, name: str):
-        pool = getattr(model, "avgpool", None)
-        if pool is None:
-            raise ToolError(f"feature distillation needs an avgpool layer, which the {name} "
-                            f"({type(model).__name__}) does not have")
-        self.features = None
-        pool.register_forward_pre_hook(self._keep)
+    def __init__(self, model: nn.Module, name: str, layers=("last",)):
+        self.features = {}
+        self.layers = tuple(layers)
+        for layer in self.layers:
+            if layer == "last":
+                pool = getattr(model, "avgpool", None)
+                if pool is None:
+                    raise ToolError(f"feature distillation at 'last' needs an avgpool layer, "
+                                    f"which the {name} ({type(model).__name__}) does not have; "
+                                    f"name layers with --feature-layers")
+                pool.register_forward_pre_hook(
+                    lambda module, inputs, layer=layer: self._keep(layer, inputs[0]))
+                continue
+            try:
+                module = model.get_submodule(layer)
+            except AttributeError:
+                children = ", ".join(child for child, _ in model.named_children())
+                raise ToolError(f"--feature-layers {layer}: the {name} "
+                                f"({type(model).__name__}) has no such layer (its top-level "
+                                f"layers: {children})") from None
+            module.register_forward_hook(
+                lambda module, inputs, output, layer=layer: self._keep(layer, output))
 
-    def _keep(self, module, inputs) -> None:
-        self.features = inputs[0]
+    def _keep(self, layer: str, features) -> None:
+        if not isinstance(features, torch.Tensor) or features.dim() != 4:
+            raise ToolError(f"--feature-layers {layer}: its output is not a (batch, channels, "
+                            f"height, width) map")
+        self.features[layer] = features
 
-    def take(self) -> torch.Tensor:
-        features, self.features = self.features, None
-        return features
+    def take(self) -> list[torch.Tensor]:
+        """The maps of the last forward, in the order of ``layers``."""
+        features, self.features = self.features, {}
+        return [features[layer] for layer in self.layers]
 
 
 def match_spatial(teacher_features: torch.Tensor, size) -> torch.Tensor:
@@ -148,8 +184,12 @@ class Distiller(HardLabels):
             self._build_alignment(probe_size)
 
     def _build_alignment(self, probe_size: int) -> None:
-        self.student_tap = FeatureTap(self.student, "student")
-        self.teacher_taps = [FeatureTap(t.model, f"teacher {i + 1}")
+        """Feature taps on every layer named, and per (teacher, layer) pair a 1x1
+        projection where channels differ (cwd, mgd) and an MGD generator: flat lists,
+        teacher-major, so one layer keeps the keys of older checkpoints."""
+        layers = self.weights.feature_layers
+        self.student_tap = FeatureTap(self.student, "student", layers)
+        self.teacher_taps = [FeatureTap(t.model, f"teacher {i + 1}", layers)
                              for i, t in enumerate(self.teachers)]
         # One probe forward each tells the channel counts (eval mode: BatchNorm untouched).
         probe = torch.zeros(1, 3, probe_size, probe_size)
@@ -158,23 +198,25 @@ class Distiller(HardLabels):
         with torch.no_grad():
             self.student(probe)
         self.student.train(was_training)
-        student_map = self.student_tap.take()
-        student_channels = student_map.shape[1]
-        if student_map.shape[-2:] == (1, 1):
-            print(f"warning: the student's last feature map is 1x1 at {probe_size}px input; "
-                  f"{', '.join(self.feature_parts)} compare maps over locations and will "
-                  f"carry little or nothing at this size")
+        student_maps = self.student_tap.take()
+        for layer, student_map in zip(layers, student_maps):
+            if student_map.shape[-2:] == (1, 1):
+                print(f"warning: the student's {layer} feature map is 1x1 at {probe_size}px "
+                      f"input; {', '.join(self.feature_parts)} compare maps over locations "
+                      f"and will carry little or nothing there")
         for teacher, tap in zip(self.teachers, self.teacher_taps):
             teacher(probe)
-            teacher_channels = tap.take().shape[1]
-            if any(part in NEEDS_PROJECTION for part in self.feature_parts) \
-                    and teacher_channels != student_channels:
-                self.projections.append(nn.Conv2d(student_channels, teacher_channels, 1,
-                                                  bias=False))
-            else:
-                self.projections.append(nn.Identity())
-            if "mgd" in self.feature_parts:
-                self.generators.append(MGDGenerator(teacher_channels, self.weights.mgd_mask))
+            for student_map, teacher_map in zip(student_maps, tap.take()):
+                student_channels, teacher_channels = student_map.shape[1], teacher_map.shape[1]
+                if any(part in NEEDS_PROJECTION for part in self.feature_parts) \
+                        and teacher_channels != student_channels:
+                    self.projections.append(nn.Conv2d(student_channels, teacher_channels, 1,
+                                                      bias=False))
+                else:
+                    self.projections.append(nn.Identity())
+                if "mgd" in self.feature_parts:
+                    self.generators.append(MGDGenerator(teacher_channels,
+                                                        self.weights.mgd_mask))
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch_factor = min(epoch / self.weights.dkd_warmup, 1.0) \
@@ -199,10 +241,12 @@ class Distiller(HardLabels):
     def forward(self, views: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         w = self.weights
         labels = batch["labels"]
+        if batch.get("mix") is not None and batch["mix"].lam < 0.5:
+            labels = labels[batch["mix"].partner]    # dkd's target class: the larger share
         student_logits = self.student(views["lr"])
         teacher_logits, teacher_features = self._teacher_outputs(views, batch)
         teacher_weights = self.teacher_weights if self.cached_teacher_logits is None else [1.0]
-        terms = {"ce": w.alpha * F.cross_entropy(student_logits.float(), labels)}
+        terms = {"ce": w.alpha * hard_label_loss(student_logits, batch)}
         if "kd" in self.parts or "dkd" in self.parts:
             probs = soft_targets(teacher_logits, teacher_weights, w.temperature)
             if "kd" in self.parts:
@@ -211,24 +255,31 @@ class Distiller(HardLabels):
                 terms["dkd"] = self.epoch_factor * dkd_loss_from_probs(
                     student_logits, probs, labels, w.temperature, w.dkd_alpha, w.dkd_beta)
         if self.feature_parts:
-            student_features = self.student_tap.take()
+            student_maps = self.student_tap.take()
+            layers = len(student_maps)
             for part in self.feature_parts:
+                # Summed over layers (as attention transfer's paper does), averaged over
+                # teachers with their weights.
                 terms[part] = getattr(w, part) * sum(
-                    weight * self._feature_loss(part, number, student_features, features)
-                    for number, (weight, features) in
-                    enumerate(zip(teacher_weights, teacher_features)))
+                    weight * self._feature_loss(part, number * layers + layer, student_map,
+                                                teacher_map)
+                    for number, (weight, teacher_maps) in
+                    enumerate(zip(teacher_weights, teacher_features))
+                    for layer, (student_map, teacher_map) in
+                    enumerate(zip(student_maps, teacher_maps)))
         return student_logits, terms
 
-    def _feature_loss(self, part: str, number: int, student_features, teacher_features):
+    def _feature_loss(self, part: str, pair: int, student_features, teacher_features):
+        """``pair`` numbers the (teacher, layer) pair: its projection and generator."""
         teacher_features = match_spatial(teacher_features.float(), student_features.shape[-2:])
         if part == "at":
             return at_loss(student_features, teacher_features)
         if part == "amd":
             return amd_loss(student_features, teacher_features)
-        aligned = self.projections[number](student_features)
+        aligned = self.projections[pair](student_features)
         if part == "cwd":
             return cwd_loss(aligned, teacher_features, self.weights.cwd_tau)
-        return self.generators[number](aligned, teacher_features)
+        return self.generators[pair](aligned, teacher_features)
 
 
 def _normalised(weights, count: int) -> list[float]:

@@ -24,6 +24,8 @@ from .data import ImageSet, load_or_create_split
 from .distill import Distiller, HardLabels, LossWeights, parse_method
 from .models import TESTED_ARCHS, build_model, load_checkpoint
 from .plots import plot_comparison, plot_curves
+from .recipes import DEFAULT_RECIPE, RECIPES, recipe_defaults, recipe_text
+from .stats import paired_bootstrap
 from .trainer import FitConfig, Runtime, evaluate, fit, run_status
 
 STAGES = {
@@ -35,7 +37,8 @@ STAGES = {
 # mean anything (same split is enforced separately, through split.csv).
 COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", "lr",
                        "weight_decay", "patience", "lr_patience", "lr_factor", "min_lr",
-                       "monitor", "seed", "hflip", "crop_scale")
+                       "monitor", "seed", "hflip", "crop_scale", "schedule", "warmup_epochs",
+                       "mixup", "cutmix")
 # Arguments that may differ between a run and its --resume.
 RESUME_FREE = {"resume", "overwrite", "device", "compile", "cache_dir", "no_cache"}
 
@@ -82,14 +85,29 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                             f"any torchvision classification model name works)")
     model.add_argument("--weights", default="imagenet",
                        help="imagenet (torchvision's ImageNet weights), none (random init, "
-                            "train from scratch) or the path of a state dict to start from")
+                            "train from scratch), teacher (start from the HR teacher "
+                            "<out-dir>/teacher/best.pt, which must be of the same --arch: "
+                            "the teacher-initialised student; give the baseline the same for "
+                            "a fair comparison) or the path of a state dict or checkpoint")
     model.add_argument("--input-size", type=int, default=224,
                        help="network input size in pixels; images are resized to it "
                             "(an upsampled 64x64 image suits an ImageNet network far better "
                             "than a raw one)")
     train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=30, help="maximum number of epochs")
-    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    train.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                       help="named preset of training (and, for the KD student, distillation) "
+                            "settings; flags given explicitly override it: "
+                            + "; ".join(f"{name}: {recipe_text(name)}" for name in RECIPES))
+    train.add_argument("--epochs", type=int, default=30,
+                       help="number of epochs (plateau: at most, early stopping may end "
+                            "sooner; cosine: exactly)")
+    train.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
+                       help="plateau: ReduceLROnPlateau on val loss + early stopping; cosine: "
+                            "linear warm-up then cosine decay to --min-lr, every batch, for "
+                            "exactly --epochs (a fixed budget, no early stop)")
+    train.add_argument("--warmup-epochs", type=float, default=0.0,
+                       help="cosine: epochs of linear learning-rate warm-up")
+    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (peak)")
     train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
     train.add_argument("--lr-factor", type=float, default=0.5,
                        help="ReduceLROnPlateau: multiply the learning rate by this when the "
@@ -98,15 +116,27 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                        help="ReduceLROnPlateau: epochs without validation-loss improvement "
                             "before the learning rate drops")
     train.add_argument("--min-lr", type=float, default=1e-7,
-                       help="ReduceLROnPlateau: lower bound of the learning rate")
+                       help="lower bound of the learning rate (plateau), or where the "
+                            "cosine decay ends")
     train.add_argument("--patience", type=int, default=5,
                        help="early stopping: epochs without improvement of --monitor")
-    train.add_argument("--monitor", choices=("val_loss", "val_acc"), default="val_loss",
-                       help="what selects the best checkpoint and drives early stopping")
+    train.add_argument("--monitor", choices=("val_loss", "val_acc", "last"),
+                       default="val_loss",
+                       help="what selects best.pt and drives early stopping; last: the final "
+                            "epoch's model (no selection on one noisy validation epoch; suits "
+                            "--schedule cosine)")
     train.add_argument("--no-hflip", dest="hflip", action="store_false",
                        help="disable random horizontal flips")
     train.add_argument("--crop-scale", type=float, default=0.75,
                        help="random resized crop: smallest area fraction kept (1 = no crop)")
+    train.add_argument("--mixup", type=float, default=0.0,
+                       help="mixup: Beta(a, a) concentration a of the mixing share (0 = off; "
+                            "the KD teacher sees the HR twin mixed with the same partner and "
+                            "share)")
+    train.add_argument("--cutmix", type=float, default=0.0,
+                       help="cutmix: Beta(a, a) concentration a (0 = off); with --mixup too, "
+                            "each batch takes one of the two; boxes fall on LR pixel "
+                            "boundaries, so the HR twin gets exactly the same patch")
     train.add_argument("--seed", type=int, default=0,
                        help="fixes the split (when it is first made), initialisation, data "
                             "order and augmentation")
@@ -116,6 +146,11 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                        help="torch.compile the model (faster epochs on GPU after a slow "
                             "first one)")
     runs = parser.add_argument_group("run folder")
+    runs.add_argument("--split-per-class", type=int, default=None, metavar="N",
+                      help="when this stage makes the split (the first to run in --out-dir): "
+                           "split a balanced subset of N labelled images per class, drawn "
+                           "once and saved in split.csv, instead of every image (quick "
+                           "iterations on large data); default: every image")
     runs.add_argument("--resume", action="store_true",
                       help="continue this stage from <out-dir>/<stage>/last.pt with the "
                            "same settings")
@@ -138,6 +173,12 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                              "several, soft targets are their averaged probabilities")
         kd.add_argument("--teacher-weights", type=float, nargs="+", default=None,
                         help="one weight per teacher for the average (default: equal)")
+        kd.add_argument("--feature-layers", default="last",
+                        help="feature methods: comma-separated layers whose maps are compared, "
+                             "summed over layers: last (the map entering avgpool) or module "
+                             "names present in student and teacher (layer1,layer2,layer3,"
+                             "layer4 for ResNets); teacher maps are pooled to the student's "
+                             "size")
         kd.add_argument("--temperature", type=float, default=4.0,
                         help="softmax temperature T of the soft targets (kd, dkd)")
         kd.add_argument("--alpha", type=float, default=None,
@@ -192,15 +233,49 @@ def test_parser(stage: str) -> argparse.ArgumentParser:
 
 # --- training --------------------------------------------------------------------------
 
-def _check_arguments(args) -> None:
+# Bounds of every numeric training flag: (low, high, low inclusive, high inclusive).
+FLAG_BOUNDS = {
+    "lr": (0, None, False, True), "weight_decay": (0, None, True, True),
+    "lr_factor": (0, 1, False, False), "lr_patience": (0, None, True, True),
+    "min_lr": (0, None, True, True), "crop_scale": (0, 1, False, True),
+    "warmup_epochs": (0, None, True, True), "mixup": (0, None, True, True),
+    "cutmix": (0, None, True, True), "temperature": (0, None, False, True),
+    "alpha": (0, None, True, True), "beta": (0, None, True, True),
+    "dkd_alpha": (0, None, True, True), "dkd_beta": (0, None, True, True),
+    "dkd_warmup": (0, None, True, True), "at_weight": (0, None, True, True),
+    "cwd_weight": (0, None, True, True), "cwd_tau": (0, None, False, True),
+    "mgd_weight": (0, None, True, True), "mgd_mask": (0, 1, True, False),
+    "amd_weight": (0, None, True, True),
+}
+
+
+def _bounds_text(low, high, low_in, high_in) -> str:
+    if high is None:
+        return "at least 0" if low_in else "positive"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def check_arguments(args) -> None:
+    """Every numeric flag in range, before any work starts: one line names the first bad one."""
     require_at_least_one({"--batch-size": args.batch_size,
                           "--epochs": getattr(args, "epochs", 1),
                           "--input-size": getattr(args, "input_size", 1),
-                          "--patience": getattr(args, "patience", 1)})
-    if hasattr(args, "crop_scale") and not 0 < args.crop_scale <= 1:
-        raise ToolError(f"--crop-scale must be in (0, 1] (got {args.crop_scale})")
-    if hasattr(args, "temperature") and args.temperature <= 0:
-        raise ToolError(f"--temperature must be positive (got {args.temperature})")
+                          "--patience": getattr(args, "patience", 1),
+                          "--split-per-class": getattr(args, "split_per_class", None)})
+    for name, (low, high, low_in, high_in) in FLAG_BOUNDS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        inside = (value >= low if low_in else value > low) and \
+            (high is None or (value <= high if high_in else value < high))
+        if not inside or value != value:        # value != value: NaN
+            raise ToolError(f"--{name.replace('_', '-')} must be "
+                            f"{_bounds_text(low, high, low_in, high_in)} (got {value})")
+    if getattr(args, "min_lr", None) is not None and args.min_lr > args.lr:
+        raise ToolError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if getattr(args, "schedule", None) == "cosine" and args.warmup_epochs >= args.epochs:
+        raise ToolError(f"--warmup-epochs {args.warmup_epochs} leaves nothing of --epochs "
+                        f"{args.epochs} for the cosine decay")
 
 
 def cache_dir_for(args) -> Path | None:
@@ -250,7 +325,7 @@ def _check_resume_settings(stage_dir: Path, args_dict: dict) -> dict:
     return config
 
 
-def _jsonable(args: argparse.Namespace) -> dict:
+def jsonable(args: argparse.Namespace) -> dict:
     def plain(value):
         if isinstance(value, Path):
             return str(value)
@@ -260,9 +335,34 @@ def _jsonable(args: argparse.Namespace) -> dict:
     return {key: plain(value) for key, value in vars(args).items()}
 
 
+def parse_train_arguments(stage: str, argv=None) -> argparse.Namespace:
+    """The train script's arguments with its ``--recipe``'s defaults filled in."""
+    parser = train_parser(stage)
+    recipe = parser.parse_args(argv).recipe
+    destinations = {action.dest for action in parser._actions}
+    parser.set_defaults(**recipe_defaults(recipe, destinations))
+    return parser.parse_args(argv)
+
+
+def resolve_init_weights(args, out_dir: Path) -> None:
+    """``--weights teacher``: the HR teacher's checkpoint as the student's starting point
+    (the first ``--teacher-ckpt`` of a KD student, else <out-dir>/teacher/best.pt), which
+    must be of the student's architecture."""
+    if args.weights != "teacher":
+        return
+    teacher_ckpts = getattr(args, "teacher_ckpt", None)
+    ckpt = Path(teacher_ckpts[0]) if teacher_ckpts else Path(out_dir) / "teacher" / "best.pt"
+    _, meta = load_checkpoint(ckpt, what="--weights teacher: teacher checkpoint")
+    if meta["arch"] != args.arch:
+        raise ToolError(f"--weights teacher: the teacher {ckpt} is a {meta['arch']}, the "
+                        f"student a {args.arch}; starting from the teacher needs the same "
+                        f"--arch")
+    args.weights = str(ckpt)
+
+
 def train_main(stage: str, argv=None) -> int:
-    args = train_parser(stage).parse_args(argv)
-    _check_arguments(args)
+    args = parse_train_arguments(stage, argv)
+    check_arguments(args)
     resolution = STAGES[stage]["resolution"]
     out_dir = ensure_writable_dir(args.out_dir)
     stage_dir = out_dir / stage
@@ -271,7 +371,12 @@ def train_main(stage: str, argv=None) -> int:
         parts = parse_method(args.method)
         if args.alpha is None:
             args.alpha = 0.7 if "kd" in parts else 1.0
-    args_dict = _jsonable(args)
+        if args.teacher_cache and (args.mixup > 0 or args.cutmix > 0):
+            raise ToolError("--teacher-cache keeps the teacher's logits of whole unmixed "
+                            "images; with --mixup or --cutmix the teacher must see each "
+                            "mixed view (drop --teacher-cache)")
+    resolve_init_weights(args, out_dir)
+    args_dict = jsonable(args)
     if _prepare_stage_dir(stage_dir, args) == "finished":  # only reachable with --resume
         print(f"{stage_dir} holds a finished run; nothing to resume "
               f"(use --overwrite to train again)")
@@ -288,7 +393,8 @@ def train_main(stage: str, argv=None) -> int:
     device = pick_device(args.device)
     runtime = runtime_for(args, device)
 
-    split = load_or_create_split(args.data_dir, out_dir, args.seed)
+    split = load_or_create_split(args.data_dir, out_dir, args.seed,
+                                 per_class=args.split_per_class)
     view_sizes = {resolution: args.input_size}
     teachers, teacher_metas = [], []
     if stage == "kd_student":
@@ -321,7 +427,9 @@ def train_main(stage: str, argv=None) -> int:
             dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta, dkd_warmup=args.dkd_warmup,
             at=args.at_weight, cwd=args.cwd_weight, cwd_tau=args.cwd_tau, mgd=args.mgd_weight,
             mgd_mask=args.mgd_mask, amd=args.amd_weight,
-            teacher_weights=args.teacher_weights or [1.0] * len(teachers))
+            teacher_weights=args.teacher_weights or [1.0] * len(teachers),
+            feature_layers=tuple(layer.strip() for layer in args.feature_layers.split(",")
+                                 if layer.strip()) or ("last",))
         objective = Distiller(model, [] if teacher_logits is not None else teachers,
                               args.method, weights,
                               [int(meta["input_size"]) for meta in teacher_metas],
@@ -362,7 +470,8 @@ def train_main(stage: str, argv=None) -> int:
         weight_decay=args.weight_decay, lr_factor=args.lr_factor, lr_patience=args.lr_patience,
         min_lr=args.min_lr, patience=args.patience, monitor=args.monitor, hflip=args.hflip,
         crop_scale=args.crop_scale, seed=args.seed, amp=runtime.amp,
-        channels_last=runtime.channels_last, view_sizes=view_sizes)
+        channels_last=runtime.channels_last, view_sizes=view_sizes, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, mixup=args.mixup, cutmix=args.cutmix)
     meta = {"stage": stage, "arch": args.arch, "classes": split.classes,
             "resolution": resolution, "input_size": args.input_size,
             "image_size": images.image_size(resolution), "seed": args.seed,
@@ -404,7 +513,7 @@ def _device_name(device: torch.device) -> str:
 
 def test_main(stage: str, argv=None) -> int:
     args = test_parser(stage).parse_args(argv)
-    _check_arguments(args)
+    check_arguments(args)
     split = load_saved_split(args.data_dir, args.out_dir)
     test_stage(stage, split, args, args.ckpt)
     compare_stages(args.out_dir, args.assets_dir)
@@ -482,21 +591,42 @@ def compare_stages(out_dir: Path, assets_dir: Path) -> dict | None:
     teacher, baseline, kd = metrics["teacher"], metrics["student"], metrics["kd_student"]
     gain = kd["accuracy"] - baseline["accuracy"]
     gap = teacher["accuracy"] - baseline["accuracy"]
-    print(f"KD - baseline: {100 * gain:+.2f} points accuracy, "
-          f"{100 * (kd['macro_f1'] - baseline['macro_f1']):+.2f} points macro-F1"
+    interval = students_interval(out_dir)
+    print(f"KD - baseline: {100 * gain:+.2f} points accuracy "
+          f"[95% CI {100 * interval['accuracy']['low']:+.2f}, "
+          f"{100 * interval['accuracy']['high']:+.2f}], "
+          f"{100 * (kd['macro_f1'] - baseline['macro_f1']):+.2f} points macro-F1 "
+          f"[{100 * interval['macro_f1']['low']:+.2f}, {100 * interval['macro_f1']['high']:+.2f}]"
           + (f"; {100 * gain / gap:.0f}% of the teacher-baseline gap closed" if gap > 0 else ""))
-    print(f"(one run each on {baseline['n']} test images: evaluate_all.py gives intervals and "
-          f"p-values, run_seeds.py the spread over seeds)")
+    print(f"(one run each on {baseline['n']} test images; the interval is a paired bootstrap "
+          f"over those images, so it covers test-set noise, not training noise: "
+          f"compare_recipes.py gives the spread over seeds)")
     for warning in warnings:
         print(f"warning: {warning}")
 
     comparison = {"models": metrics, "kd_minus_baseline": {
-        "accuracy": gain, "macro_f1": kd["macro_f1"] - baseline["macro_f1"]},
+        "accuracy": gain, "macro_f1": kd["macro_f1"] - baseline["macro_f1"],
+        "interval_95": interval},
         "comparable": not warnings, "warnings": warnings}
     write_json(Path(out_dir) / "comparison.json", comparison)
     written = plot_comparison_figures(metrics, out_dir, assets_dir)
     print("figures: " + ", ".join(str(path) for path in written))
     return comparison
+
+
+def students_interval(out_dir: Path, resamples: int = 10_000) -> dict:
+    """Paired bootstrap 95% interval of KD student - baseline on their test predictions."""
+    frames = [pd.read_csv(Path(out_dir) / stage / "test_predictions.csv")
+              for stage in ("student", "kd_student")]
+    if not frames[0]["img_path"].equals(frames[1]["img_path"]):
+        raise ToolError(f"the two students in {out_dir} were tested on other images; rerun "
+                        f"the test scripts")
+    classes = sorted(set(frames[0]["label"]) | set(frames[0]["prediction"])
+                     | set(frames[1]["prediction"]))
+    ids = {name: number for number, name in enumerate(classes)}
+    labels, baseline, kd = (frame.map(ids.get).to_numpy() for frame in
+                            (frames[0]["label"], frames[0]["prediction"], frames[1]["prediction"]))
+    return paired_bootstrap(labels, baseline, kd, len(classes), resamples=resamples)
 
 
 def plot_comparison_figures(metrics: dict, out_dir: Path, assets_dir: Path) -> list[Path]:

@@ -1,6 +1,12 @@
-"""``fit``: AdamW, ReduceLROnPlateau on validation loss, early stopping, best checkpoint,
-per-epoch history, and ``--resume`` that restores everything (model, optimizer, scheduler,
+"""``fit``: AdamW with one of two schedules, the best (or last) checkpoint, per-epoch
+history, and ``--resume`` that restores everything (model, optimizer, scheduler,
 early-stopping state, history, random-number states).
+
+Schedules:
+    plateau   ReduceLROnPlateau on validation loss, early stopping on ``monitor`` (the
+              reference setup; the budget depends on when it stops)
+    cosine    linear warm-up, then cosine decay to ``min_lr``, stepped every batch, for
+              exactly ``epochs`` epochs (a fixed budget, the same for every model)
 
 Files in a stage folder:
     best.pt             the best model so far (what the test scripts evaluate)
@@ -22,11 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from .cli import ToolError, save_torch, write_csv, write_json
+from .cli import ToolError, progress_bar, save_torch, write_csv, write_json
 from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
-    sample_view_params, view_grid
+    mix_views, sample_mix_params, sample_view_params, view_grid
 from .metrics import classification_metrics
 from .models import capture_penultimate, save_checkpoint
 
@@ -41,13 +46,17 @@ class FitConfig:
     lr_patience: int
     min_lr: float
     patience: int
-    monitor: str              # "val_loss" (lower is better) or "val_acc"
+    monitor: str              # "val_loss" (lower is better), "val_acc" or "last"
     hflip: bool
     crop_scale: float         # smallest crop area fraction; 1 disables cropping
     seed: int
     amp: bool                 # bf16 autocast (CUDA)
     channels_last: bool
     view_sizes: dict          # resolution -> network input size, e.g. {"lr": 224}
+    schedule: str = "plateau"     # "plateau" or "cosine"
+    warmup_epochs: float = 0.0    # cosine: linear warm-up length
+    mixup: float = 0.0            # Beta concentration; 0 = off
+    cutmix: float = 0.0           # Beta concentration; 0 = off
 
 
 @dataclass
@@ -70,20 +79,29 @@ class Runtime:
 
 def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg: FitConfig,
                     generator: torch.Generator, optimizer, runtime: Runtime,
-                    description: str) -> dict:
-    """One pass over ``batches``; returns mean loss terms, raw cross-entropy and accuracy."""
+                    description: str, scheduler=None) -> dict:
+    """One pass over ``batches``; returns mean loss terms, raw cross-entropy and accuracy.
+    ``scheduler`` (if any) is stepped after every batch."""
     objective.train()
     sums = defaultdict(lambda: torch.zeros((), device=runtime.device))
     seen = 0
-    progress = tqdm(iterate_batches(images, batches, view_sizes, runtime.device),
+    progress = progress_bar(iterate_batches(images, batches, view_sizes, runtime.device),
                     total=len(batches), desc=description, unit="batch", leave=False)
     for step, batch in enumerate(progress):
         labels = batch["labels"]
-        params = sample_view_params(len(labels), generator, cfg.hflip, cfg.crop_scale,
-                                    view_grid(batch, view_sizes))
+        grid = view_grid(batch, view_sizes)
+        params = sample_view_params(len(labels), generator, cfg.hflip, cfg.crop_scale, grid)
+        mix = sample_mix_params(len(labels), generator, cfg.mixup, cfg.cutmix, grid)
         with torch.no_grad():
-            views = runtime.prepare(make_views(batch, view_sizes, params))
+            views = runtime.prepare(mix_views(make_views(batch, view_sizes, params), mix))
+        if mix is not None:
+            mix.partner = mix.partner.to(labels.device)
+            batch["mix"] = mix
+            # Accuracy on a mixed batch counts the label of the larger share.
+            labels = labels if mix.lam >= 0.5 else labels[mix.partner]
         logits, terms, loss = train_step(objective, views, batch, optimizer, runtime)
+        if scheduler is not None:
+            scheduler.step()
 
         with torch.no_grad():
             count = len(labels)
@@ -133,7 +151,7 @@ def evaluate(objective, images: ImageSet, indices: np.ndarray, view_sizes: dict,
     all_logits, all_labels = [], []
     batches = batch_indices(indices, batch_size, generator=None)
     with capture_penultimate(objective.student) if features else nullcontext() as captured:
-        for batch in tqdm(iterate_batches(images, batches, view_sizes, runtime.device),
+        for batch in progress_bar(iterate_batches(images, batches, view_sizes, runtime.device),
                           total=len(batches), desc=description, unit="batch", leave=False):
             views = runtime.prepare(make_views(batch, view_sizes, params=None))
             with runtime.autocast():
@@ -158,9 +176,11 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
     stage_dir = Path(stage_dir)
     trainable = [parameter for parameter in objective.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience,
-        min_lr=cfg.min_lr)
+    train_idx, val_idx = images.split.indices("train"), images.split.indices("val")
+    # A batch of one would break BatchNorm; dropping the last short batch avoids that.
+    drop_last = len(train_idx) % cfg.batch_size == 1
+    steps_per_epoch = len(batch_indices(train_idx, cfg.batch_size, None, drop_last=drop_last))
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0,
              "history": [], "train_seconds": 0.0}
     if resume:
@@ -168,22 +188,20 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
         print(f"resuming after epoch {state['epoch']} "
               f"(best so far: epoch {state['best_epoch']})")
 
-    train_idx, val_idx = images.split.indices("train"), images.split.indices("val")
-    # A batch of one would break BatchNorm; dropping the last short batch avoids that.
-    drop_last = len(train_idx) % cfg.batch_size == 1
-    higher_is_better = cfg.monitor == "val_acc"
     stopped_early = False
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         start = time.perf_counter()
         generator = epoch_generator(cfg.seed, epoch)
         objective.start_epoch(epoch)
         batches = batch_indices(train_idx, cfg.batch_size, generator, drop_last=drop_last)
+        lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(objective, images, batches, cfg.view_sizes, cfg, generator,
-                                optimizer, runtime, f"epoch {epoch}/{cfg.epochs} train")
+                                optimizer, runtime, f"epoch {epoch}/{cfg.epochs} train",
+                                scheduler if cfg.schedule == "cosine" else None)
         val = evaluate(objective, images, val_idx, cfg.view_sizes, cfg.batch_size, runtime,
                        f"epoch {epoch}/{cfg.epochs} val")
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(val["loss"])
+        if cfg.schedule == "plateau":
+            scheduler.step(val["loss"])
         seconds = time.perf_counter() - start
         row = {"epoch": epoch, "train_loss": train.pop("loss"), "train_ce": train.pop("ce"),
                "train_acc": train.pop("acc"), **train, "val_loss": val["loss"],
@@ -192,9 +210,9 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
         state["history"].append(row)
         state["train_seconds"] += seconds
 
-        score = row[cfg.monitor]
+        score = epoch if cfg.monitor == "last" else row[cfg.monitor]
         best = state["best_score"]
-        improved = best is None or (score > best if higher_is_better else score < best)
+        improved = best is None or (score < best if cfg.monitor == "val_loss" else score > best)
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
             save_checkpoint(stage_dir / "best.pt", objective.student,
@@ -204,7 +222,9 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        stopped_early = state["bad_epochs"] >= cfg.patience
+        # A fixed budget (cosine) or the last epoch as the model: no early stop.
+        stopped_early = (cfg.schedule == "plateau" and cfg.monitor != "last"
+                         and state["bad_epochs"] >= cfg.patience)
         finished = stopped_early or epoch == cfg.epochs
         write_csv(stage_dir / "history.csv", pd.DataFrame(state["history"]))
         # last.pt is written last: it is the commit point a resume starts from.
@@ -218,11 +238,32 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
             break
 
     summary = {"finished": True, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
-               f"best_{cfg.monitor}": state["best_score"], "stopped_early": stopped_early,
+               **({} if cfg.monitor == "last" else {f"best_{cfg.monitor}": state["best_score"]}),
+               "stopped_early": stopped_early,
                "train_seconds": round(state["train_seconds"], 2),
                "config": {key: value for key, value in asdict(cfg).items()}}
     write_json(stage_dir / "train_summary.json", summary)
     return summary
+
+
+def make_scheduler(optimizer, cfg: FitConfig, steps_per_epoch: int):
+    """ReduceLROnPlateau (stepped on validation loss once an epoch), or linear warm-up then
+    cosine decay from ``lr`` to ``min_lr`` (stepped every batch)."""
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience,
+            min_lr=cfg.min_lr)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        # ``step`` batches are done; this is the factor for the next one.
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 FROZEN_PREFIXES = ("teachers.",)
