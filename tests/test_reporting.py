@@ -1,4 +1,4 @@
-"""evaluate_all.py, predict.py, run_seeds.py and compare_methods.py on a tiny finished run."""
+"""evaluate_all.py, predict.py, run_seeds.py and compare_recipes.py on a tiny finished run."""
 
 import json
 import shutil
@@ -90,31 +90,55 @@ def test_run_seeds_reports_mean_and_std_on_one_split(tiny_data, tmp_path):
     assert_one_line_error(refused, "--seed after --")
 
 
-def test_compare_methods_table_with_the_baselines_settings(finished_run, tmp_path):
+def test_compare_recipes_pairs_each_recipe_with_its_own_baseline(finished_run, tmp_path):
     data_dir, out_dir, _, _ = finished_run
     run = tmp_path / "run"
-    shutil.copytree(out_dir, run)
-    args = ["--data-dir", data_dir, "--out-dir", run, "--methods", "kd", "at"]
-    result = run_script("compare_methods.py", *args)
+    run.mkdir()
+    for name in ("split.csv", "split.json"):
+        shutil.copy(out_dir / name, run / name)
+    shutil.copytree(out_dir / "teacher", run / "teacher")
+    args = ["--data-dir", data_dir, "--out-dir", run, "--seeds", "0", "1", "--resamples", "200",
+            "--recipes", "reference", "at=--method kd+at --feature-layers layer1,layer2",
+            "mixed=--mixup 0.2 --alpha 0.1 --beta 0.9", "--", *TINY_TRAIN_ARGS]
+    result = run_script("compare_recipes.py", *args, timeout=600)
     assert result.returncode == 0, result.stderr
-    comparison = json.loads((run / "methods" / "comparison.json").read_text())
-    assert [row["method"] for row in comparison["rows"]] == ["kd", "at"]
-    baseline_args = json.loads((run / "student" / "config.json").read_text())["args"]
-    for row in comparison["rows"]:
-        config = json.loads((run / "methods" / row["method"] / "kd_student" /
-                             "config.json").read_text())["args"]
-        for key in ("seed", "epochs", "arch", "lr", "input_size", "batch_size"):
-            assert config[key] == baseline_args[key], key
-        assert config["method"] == row["method"]
-        assert row["accuracy_vs_baseline"] == pytest.approx(
-            row["accuracy"] - comparison["baseline"]["accuracy"])
-        assert row["seconds_per_epoch"] > 0
-    table = (run / "methods" / "comparison.md").read_text()
-    assert "| kd |" in table and "| at |" in table and "s/epoch" in table
-    rerun = run_script("compare_methods.py", *args)
-    assert rerun.returncode == 0 and "== method" not in rerun.stdout
-    refused = run_script("compare_methods.py", *args, "--", "--epochs", "3")
-    assert_one_line_error(refused, "--epochs after -- is set by compare_methods.py")
-    unknown = run_script("compare_methods.py", "--data-dir", data_dir, "--out-dir", run,
-                         "--methods", "kd+xyz")
-    assert_one_line_error(unknown, "--method 'kd+xyz'")
+    summary = json.loads((run / "recipes" / "summary.json").read_text())
+    rows = {row["recipe"]: row for row in summary["recipes"]}
+    assert list(rows) == ["reference", "at", "mixed"]
+    # reference and at train their baselines alike: one baseline serves both; mixed's
+    # baseline trains with mixup too, as its KD student does.
+    assert rows["at"]["baseline_folder"] == rows["reference"]["baseline_folder"]
+    assert rows["mixed"]["baseline_folder"].endswith("mixed")
+    assert not (run / "recipes" / "at" / "seed0" / "student").exists()
+    mixed_baseline = json.loads((run / "recipes" / "mixed" / "seed1" / "student" /
+                                 "config.json").read_text())["args"]
+    assert mixed_baseline["mixup"] == 0.2 and mixed_baseline["seed"] == 1
+    for name, row in rows.items():
+        base = [s["baseline_accuracy"] for s in row["per_seed"]]
+        kd = [s["kd_accuracy"] for s in row["per_seed"]]
+        assert row["accuracy"]["difference"][0] == pytest.approx(
+            (kd[0] - base[0] + kd[1] - base[1]) / 2)
+        low, high = row["accuracy"]["image_interval"]
+        assert low <= row["accuracy"]["difference"][0] <= high
+        low, high = row["accuracy"]["seed_interval"]
+        assert low <= row["accuracy"]["difference"][0] <= high
+        for seed in (0, 1):
+            kd_args = json.loads((run / "recipes" / name / f"seed{seed}" / "kd_student" /
+                                  "config.json").read_text())["args"]
+            assert kd_args["seed"] == seed and kd_args["epochs"] == 1
+    table = (run / "recipes" / "summary.md").read_text()
+    assert "| reference |" in table and "| mixed |" in table and "gap closed" in table
+    rerun = run_script("compare_recipes.py", *args)
+    assert rerun.returncode == 0 and "== " not in rerun.stdout       # nothing retrained
+    refused = run_script("compare_recipes.py", *args[:-len(TINY_TRAIN_ARGS) - 1], "--",
+                         "--seed", "3")
+    assert_one_line_error(refused, "--seed after -- is set by compare_recipes.py")
+    bad = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir", run,
+                     "--recipes", "x=--mixup -1")
+    assert_one_line_error(bad, "--mixup must be at least 0")
+    unknown = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir", run,
+                         "--recipes", "fancy")
+    assert_one_line_error(unknown, "'fancy': not a preset")
+    no_teacher = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir",
+                            tmp_path / "empty")
+    assert_one_line_error(no_teacher, "needs the teacher")

@@ -1,0 +1,54 @@
+"""Compare distillation recipes, each against its own baseline, over several seeds on one
+split and one teacher: mean ± std, paired 95% intervals of KD - baseline, share of the
+teacher-baseline gap closed, per-seed figures and wall-clock.
+
+A recipe is a preset (reference, consistent) or NAME=FLAGS for train_kd_student.py; its
+baseline student trains with the same flags less the distillation ones. Flags after --
+go to every run. Runs live in <out-dir>/recipes/<recipe>/seed<k>/; rerunning keeps
+finished ones. Needs <out-dir>/teacher/best.pt (train_teacher.py, which also makes the
+split: give it --split-per-class N for a balanced subset of large data).
+
+    python compare_recipes.py --recipes reference consistent --seeds 0 1 2 -- --epochs 30
+    python compare_recipes.py --recipes reference 'dkd=--method dkd' 'at=--method kd+at'
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from src.cli import ToolError, require_at_least_one, run_main, split_passthrough
+from src.compare import compare_recipes
+from src.recipes import RECIPES
+
+
+def main() -> int:
+    argv, common = split_passthrough(
+        sys.argv[1:], {"--seed", "--out-dir", "--data-dir", "--resume", "--overwrite",
+                       "--teacher-ckpt", "--split-per-class"}, "compare_recipes.py")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        usage="%(prog)s [options] [-- options for every train script]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path("data"),
+                        help="folder holding train.csv and the images")
+    parser.add_argument("--out-dir", type=Path, default=Path("runs"),
+                        help="run folder with split.csv and the trained teacher; recipes go to "
+                             "<out-dir>/recipes/")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES),
+                        help="presets (" + ", ".join(RECIPES) + ") or NAME=FLAGS, e.g. "
+                             "'dkd=--method dkd'")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds (initialisation, data order, augmentation); the "
+                             "split stays the one in <out-dir>")
+    parser.add_argument("--resamples", type=int, default=10_000,
+                        help="bootstrap resamples of the test images for the paired interval")
+    args = parser.parse_args(argv)
+    require_at_least_one({"--resamples": args.resamples})
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ToolError("--seeds has duplicates")
+    compare_recipes(args.data_dir, args.out_dir, args.recipes, args.seeds, common,
+                    args.resamples)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
