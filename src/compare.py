@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from .cli import ToolError, read_json, write_json, write_text
+from .plots import plot_curves
 from .recipes import RECIPES
 from .seeds import run_script, run_stage_in
 from .stages import check_arguments, jsonable, load_saved_split, parse_train_arguments, \
@@ -115,6 +116,8 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
         rows.append(recipe_summary(name, flags, out_dir / "recipes" / owner,
                                    out_dir / "recipes" / name, seeds, teacher_metrics,
                                    resamples))
+        rows[-1]["curves"] = str(plot_recipe_curves(name, out_dir / "recipes" / owner,
+                                                    out_dir / "recipes" / name, seeds))
     summary = {"teacher": {key: teacher_metrics[key] for key in ("accuracy", "macro_f1", "n")},
                "seeds": seeds, "resamples": resamples, "common_flags": common,
                "split_fingerprint": split.fingerprint, "recipes": rows}
@@ -173,6 +176,23 @@ def recipe_summary(name: str, flags: list[str], baseline_folder: Path, kd_folder
                                 "kd_seconds": kd_run["train_seconds"]})
     row["n"] = kd[0]["n"]
     return row
+
+
+def plot_recipe_curves(name: str, baseline_folder: Path, kd_folder: Path,
+                       seeds: list[int]) -> Path:
+    """Validation accuracy per epoch of the recipe's baseline and KD student, each the
+    mean over seeds (epochs that every seed ran)."""
+    curves = {}
+    for label, folder, stage in (("baseline", baseline_folder, "student"),
+                                 ("KD student", kd_folder, "kd_student")):
+        histories = [pd.read_csv(folder / f"seed{seed}" / stage / "history.csv")
+                     for seed in seeds]
+        epochs = min(len(history) for history in histories)
+        curves[f"{label} (mean of {len(seeds)} seeds)"] = pd.DataFrame({
+            "epoch": histories[0]["epoch"][:epochs],
+            "val_acc": np.mean([history["val_acc"][:epochs] for history in histories], 0)})
+    return plot_curves(curves, "val_acc", f"{name}: validation accuracy",
+                       kd_folder / "val_acc.png")
 
 
 def seed_interval(differences, level: float = 0.95) -> list[float] | None:

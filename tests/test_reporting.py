@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -126,6 +127,7 @@ def test_compare_recipes_pairs_each_recipe_with_its_own_baseline(finished_run, t
             kd_args = json.loads((run / "recipes" / name / f"seed{seed}" / "kd_student" /
                                   "config.json").read_text())["args"]
             assert kd_args["seed"] == seed and kd_args["epochs"] == 1
+        assert Path(row["curves"]).read_bytes().startswith(b"\x89PNG")
     table = (run / "recipes" / "summary.md").read_text()
     assert "| reference |" in table and "| mixed |" in table and "gap closed" in table
     rerun = run_script("compare_recipes.py", *args)

@@ -7,12 +7,18 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 import torch
 
 from conftest import ROOT, TINY_TRAIN_ARGS, assert_one_line_error, run_script
 
 RESUME_ARGS = [*TINY_TRAIN_ARGS[:-4], "--epochs", "4", "--batch-size", "8", "--lr", "1e-3",
                "--deterministic", "--patience", "10"]
+
+
+# The fixed-budget path: per-batch cosine schedule and paired mixing draws must resume too.
+COSINE_MIX_ARGS = ["--schedule", "cosine", "--warmup-epochs", "1", "--monitor", "last",
+                   "--mixup", "0.4", "--cutmix", "1.0"]
 
 
 def _train_and_test(data_dir, out_dir, *extra):
@@ -34,15 +40,17 @@ def _outcome(out_dir):
     return metrics, history, best
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
+@pytest.mark.parametrize("extra", [[], COSINE_MIX_ARGS], ids=["plateau", "cosine-mixing"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, extra):
     data = tmp_path / "data"
     import shutil
     shutil.copytree(tiny_data, data)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _train_and_test(data, straight)
+    _train_and_test(data, straight, *extra)
 
     process = subprocess.Popen([sys.executable, str(ROOT / "train_student.py"),
-                                "--data-dir", str(data), "--out-dir", str(killed), *RESUME_ARGS],
+                                "--data-dir", str(data), "--out-dir", str(killed), *RESUME_ARGS,
+                                *extra],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed / "student" / "last.pt"
     deadline = time.time() + 120
@@ -54,7 +62,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
     interrupted_epochs = len(pd.read_csv(killed / "student" / "history.csv"))
     assert interrupted_epochs < 4, "the run finished before it could be killed"
 
-    resumed = _train_and_test(data, killed, "--resume")
+    resumed = _train_and_test(data, killed, *extra, "--resume")
     assert "resuming after epoch" in resumed.stdout
     metrics_straight, history_straight, best_straight = _outcome(straight)
     metrics_killed, history_killed, best_killed = _outcome(killed)
