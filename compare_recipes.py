@@ -39,6 +39,10 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds (initialisation, data order, augmentation); the "
                              "split stays the one in <out-dir>")
+    parser.add_argument("--versus", default=None, metavar="RECIPE",
+                        help="also compare every KD student with this recipe's baseline "
+                             "(default: the first of --recipes), e.g. a plain baseline against "
+                             "teacher-initialised recipes")
     parser.add_argument("--resamples", type=int, default=10_000,
                         help="bootstrap resamples of the test images for the paired interval")
     args = parser.parse_args(argv)
@@ -46,7 +50,7 @@ def main() -> int:
     if len(set(args.seeds)) != len(args.seeds):
         raise ToolError("--seeds has duplicates")
     compare_recipes(args.data_dir, args.out_dir, args.recipes, args.seeds, common,
-                    args.resamples)
+                    args.resamples, args.versus)
     return 0
 
 

@@ -88,6 +88,16 @@ def require_at_least_one(values: dict[str, int | None]) -> None:
             raise ToolError(f"{flag} must be at least 1 (got {value})")
 
 
+def publish_table(folder: Path, stem: str, table: str, summary: dict) -> None:
+    """Print a result table and keep it as ``<folder>/<stem>.md`` beside the full
+    ``<stem>.json``."""
+    print()
+    print(table)
+    write_text(Path(folder) / f"{stem}.md", table + "\n")
+    write_json(Path(folder) / f"{stem}.json", summary)
+    print(f"-> {Path(folder) / stem}.md, {stem}.json")
+
+
 def split_passthrough(argv: list[str], reserved: set[str], who: str) -> tuple[list, list]:
     """``[own options] -- [options for the scripts it runs]``: the two lists. Options the
     runner sets itself (``reserved``) may not appear after ``--``."""

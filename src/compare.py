@@ -21,13 +21,16 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from .cli import ToolError, read_json, write_json, write_text
+from .cli import ToolError, pick_device, publish_table, read_json, write_csv
+from .metrics import classification_metrics
 from .plots import plot_curves
+from .predict import predict_test_set, read_holdout_labels, score_teacher_holdout
 from .recipes import RECIPES
 from .seeds import run_script, run_stage_in
 from .stages import check_arguments, jsonable, load_saved_split, parse_train_arguments, \
     train_parser
 from .stats import gap_closed, mean_and_std
+from .trainer import Runtime
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -75,7 +78,10 @@ def _with_teacher(flags: list[str], teacher: Path) -> list[str]:
 
 
 def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list[int],
-                    common: list[str], resamples: int = 10_000) -> dict:
+                    common: list[str], resamples: int = 10_000,
+                    versus: str | None = None) -> dict:
+    """Train what is missing, then compare every recipe's KD student with its own baseline
+    and with the baseline of recipe ``versus`` (default: the first)."""
     out_dir = Path(out_dir)
     recipes = dict(parse_recipe(spec) for spec in specs)
     if len(recipes) != len(specs):
@@ -98,84 +104,133 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
                    "--assets-dir", str(out_dir / "assets"))
     teacher_metrics = read_json(out_dir / "teacher" / "test_metrics.json")
 
+    holdout = read_holdout_labels(data_dir)
+    teacher_holdout = None
+    if holdout is not None:
+        teacher_holdout = score_teacher_holdout(
+            data_dir, teacher, out_dir / "cache", 256,
+            Runtime(pick_device("auto"), amp=False, channels_last=False), holdout)
     baselines: dict[str, str] = {}      # baseline settings -> recipe folder that trains it
-    rows = []
+    folders = {}                        # recipe -> (its baseline's folder, its own folder)
     for name, flags in recipes.items():
         flags = _with_teacher([*common, *flags], teacher)
+        recipes[name] = flags
         student_flags = baseline_flags(flags)
         settings = jsonable(parse_train_arguments("student", student_flags))
         owner = baselines.setdefault(json.dumps(settings, sort_keys=True), name)
+        folders[name] = (out_dir / "recipes" / owner, out_dir / "recipes" / name)
         for seed in seeds:
-            folder = out_dir / "recipes" / name / f"seed{seed}"
             seed_flags = ["--seed", str(seed)]
-            run_stage_in(out_dir / "recipes" / owner / f"seed{seed}", "student", out_dir,
-                         data_dir, [*student_flags, *seed_flags], f"{owner}: baseline, seed {seed}")
-            run_stage_in(folder, "kd_student", out_dir, data_dir,
+            run_stage_in(folders[name][0] / f"seed{seed}", "student", out_dir, data_dir,
+                         [*student_flags, *seed_flags], f"{owner}: baseline, seed {seed}")
+            run_stage_in(folders[name][1] / f"seed{seed}", "kd_student", out_dir, data_dir,
                          [*flags, *seed_flags, "--teacher-ckpt", str(teacher)],
                          f"{name}: KD student, seed {seed}")
-        rows.append(recipe_summary(name, flags, out_dir / "recipes" / owner,
-                                   out_dir / "recipes" / name, seeds, teacher_metrics,
-                                   resamples))
-        rows[-1]["curves"] = str(plot_recipe_curves(name, out_dir / "recipes" / owner,
-                                                    out_dir / "recipes" / name, seeds))
+    versus = versus or next(iter(recipes))
+    if versus not in recipes:
+        raise ToolError(f"--versus {versus!r} is not one of --recipes")
+    results = {}
+    for name, (baseline_folder, kd_folder) in folders.items():
+        # A recipe's baseline and KD student share its folder: key by folder and stage.
+        if (baseline_folder, "student") not in results:
+            results[baseline_folder, "student"] = _seed_results(
+                baseline_folder, "student", seeds, data_dir, out_dir, holdout)
+        results[kd_folder, "kd_student"] = _seed_results(kd_folder, "kd_student", seeds,
+                                                         data_dir, out_dir, holdout)
+    rows = []
+    for name, (baseline_folder, kd_folder) in folders.items():
+        row = {"recipe": name, "flags": recipes[name], "baseline_folder": str(baseline_folder),
+               "against": {}}
+        for against, folder in (("own", baseline_folder), ("versus", folders[versus][0])):
+            if against == "versus" and folder == baseline_folder:
+                continue
+            row["against"][against] = compare_runs(results[folder, "student"],
+                                                   results[kd_folder, "kd_student"],
+                                                   teacher_metrics, teacher_holdout, resamples)
+        row["per_seed"] = [{"seed": seed, "baseline_accuracy": base["accuracy"],
+                            "kd_accuracy": kd["accuracy"], "baseline_seconds":
+                            base["train_seconds"], "kd_seconds": kd["train_seconds"],
+                            **({"baseline_holdout_accuracy": base["holdout"]["accuracy"],
+                                "kd_holdout_accuracy": kd["holdout"]["accuracy"]}
+                               if holdout is not None else {})}
+                           for seed, base, kd in zip(seeds, results[baseline_folder, "student"],
+                                                     results[kd_folder, "kd_student"])]
+        row["curves"] = str(plot_recipe_curves(name, baseline_folder, kd_folder, seeds))
+        rows.append(row)
     summary = {"teacher": {key: teacher_metrics[key] for key in ("accuracy", "macro_f1", "n")},
+               "teacher_holdout": None if teacher_holdout is None else
+               {key: teacher_holdout[key] for key in ("accuracy", "macro_f1", "n")},
                "seeds": seeds, "resamples": resamples, "common_flags": common,
+               "versus": versus, "holdout_images": None if holdout is None else len(holdout),
                "split_fingerprint": split.fingerprint, "recipes": rows}
-    table = recipes_table(summary)
-    print()
-    print(table)
-    write_text(out_dir / "recipes" / "summary.md", table + "\n")
-    write_json(out_dir / "recipes" / "summary.json", summary)
-    print(f"-> {out_dir / 'recipes' / 'summary.md'}, summary.json")
+    publish_table(out_dir / "recipes", "summary", recipes_table(summary), summary)
     return summary
 
 
-def _seed_results(folder: Path, stage: str, seeds: list[int]) -> list[dict]:
+def _seed_results(folder: Path, stage: str, seeds: list[int], data_dir: Path, out_dir: Path,
+                  holdout: pd.DataFrame | None) -> list[dict]:
+    """Each seed's test metrics, per-image correctness and training time; with held-out
+    labels also its scores on test.csv (predicted once, kept in holdout_predictions.csv)."""
     results = []
     for seed in seeds:
         stage_dir = folder / f"seed{seed}" / stage
         predictions = pd.read_csv(stage_dir / "test_predictions.csv")
-        results.append({**read_json(stage_dir / "test_metrics.json"),
-                        "correct": (predictions["label"] == predictions["prediction"])
-                        .to_numpy(),
-                        "predictions": predictions,
-                        "train_seconds": read_json(stage_dir / "train_summary.json")
-                        ["train_seconds"]})
+        result = {**read_json(stage_dir / "test_metrics.json"),
+                  "img_path": predictions["img_path"],
+                  "correct": (predictions["label"] == predictions["prediction"]).to_numpy(),
+                  "train_seconds": read_json(stage_dir / "train_summary.json")["train_seconds"]}
+        if holdout is not None:
+            result["holdout"] = _holdout_scores(stage_dir, data_dir, out_dir, holdout)
+        results.append(result)
     return results
 
 
-def recipe_summary(name: str, flags: list[str], baseline_folder: Path, kd_folder: Path,
-                   seeds: list[int], teacher: dict, resamples: int) -> dict:
-    baseline = _seed_results(baseline_folder, "student", seeds)
-    kd = _seed_results(kd_folder, "kd_student", seeds)
+def _holdout_scores(stage_dir: Path, data_dir: Path, out_dir: Path,
+                    holdout: pd.DataFrame) -> dict:
+    saved = stage_dir / "holdout_predictions.csv"
+    if saved.exists():
+        predicted = pd.read_csv(saved, dtype=str, keep_default_na=False)
+    else:
+        runtime = Runtime(pick_device("auto"), amp=False, channels_last=False)
+        predicted = predict_test_set(data_dir, stage_dir / "best.pt", Path(out_dir) / "cache",
+                                     256, runtime, tta=False)
+        write_csv(saved, predicted)
+    if not predicted["ID"].equals(holdout["ID"]):
+        raise ToolError(f"{saved} does not follow test.csv; delete it to predict again")
+    truth, guess = holdout["label"].to_numpy(), predicted["label"].to_numpy()
+    return {**classification_metrics(truth, guess), "correct": truth == guess}
+
+
+def compare_runs(baseline: list[dict], kd: list[dict], teacher: dict,
+                 teacher_holdout: dict | None, resamples: int) -> dict:
+    """Baseline and KD student, seed by seed on the same images: means ± std, the mean
+    paired difference with its two intervals, and the share of the teacher-baseline gap
+    closed (where the teacher was scored on the same images)."""
     for base_run, kd_run in zip(baseline, kd):
-        if not base_run["predictions"]["img_path"].equals(kd_run["predictions"]["img_path"]):
-            raise ToolError(f"recipe {name}: baseline and KD student were tested on other "
-                            f"images")
-    row = {"recipe": name, "flags": flags, "baseline_folder": str(baseline_folder),
-           "per_seed": []}
-    for key in ("accuracy", "macro_f1"):
-        base_values = [run[key] for run in baseline]
-        kd_values = [run[key] for run in kd]
-        differences = np.subtract(kd_values, base_values)
-        row[key] = {"baseline": mean_and_std(base_values), "kd": mean_and_std(kd_values),
-                    "difference": mean_and_std(differences),
-                    "gap_closed": gap_closed(teacher[key], float(np.mean(base_values)),
-                                             float(np.mean(kd_values)))}
-    row["accuracy"]["seed_interval"] = seed_interval(
-        [k["accuracy"] - b["accuracy"] for b, k in zip(baseline, kd)])
-    row["accuracy"]["image_interval"] = image_bootstrap(
-        np.stack([run["correct"] for run in baseline]),
-        np.stack([run["correct"] for run in kd]), resamples)
-    for seed, base_run, kd_run in zip(seeds, baseline, kd):
-        row["per_seed"].append({"seed": seed, "baseline_accuracy": base_run["accuracy"],
-                                "kd_accuracy": kd_run["accuracy"],
-                                "baseline_macro_f1": base_run["macro_f1"],
-                                "kd_macro_f1": kd_run["macro_f1"],
-                                "baseline_seconds": base_run["train_seconds"],
-                                "kd_seconds": kd_run["train_seconds"]})
-    row["n"] = kd[0]["n"]
-    return row
+        if not base_run["img_path"].equals(kd_run["img_path"]):
+            raise ToolError("baseline and KD student were tested on other images")
+    sets = {"test": (baseline, kd, teacher)}
+    if "holdout" in baseline[0]:
+        sets["holdout"] = ([run["holdout"] for run in baseline], [run["holdout"] for run in kd],
+                           teacher_holdout)
+    compared = {}
+    for set_name, (base_runs, kd_runs, teacher_scores) in sets.items():
+        entry = {}
+        for key in ("accuracy", "macro_f1"):
+            base_values = [run[key] for run in base_runs]
+            kd_values = [run[key] for run in kd_runs]
+            entry[key] = {"baseline": mean_and_std(base_values), "kd": mean_and_std(kd_values),
+                          "difference": mean_and_std(np.subtract(kd_values, base_values))}
+            entry[key]["gap_closed"] = None if teacher_scores is None else gap_closed(
+                teacher_scores[key], float(np.mean(base_values)), float(np.mean(kd_values)))
+        entry["accuracy"]["seed_interval"] = seed_interval(
+            [k["accuracy"] - b["accuracy"] for b, k in zip(base_runs, kd_runs)])
+        entry["accuracy"]["image_interval"] = image_bootstrap(
+            np.stack([run["correct"] for run in base_runs]),
+            np.stack([run["correct"] for run in kd_runs]), resamples)
+        entry["n"] = len(base_runs[0]["correct"])
+        compared[set_name] = entry
+    return compared
 
 
 def plot_recipe_curves(name: str, baseline_folder: Path, kd_folder: Path,
@@ -220,35 +275,56 @@ def image_bootstrap(baseline_correct: np.ndarray, kd_correct: np.ndarray, resamp
 
 
 def recipes_table(summary: dict) -> str:
-    teacher = summary["teacher"]
-    seeds = summary["seeds"]
-    lines = ["| recipe | baseline acc | KD acc | KD - baseline [95% CI images] [95% CI seeds] "
-             "| gap closed | baseline F1 | KD F1 | F1 gap closed | s/run (base, KD) |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    teacher, seeds, versus = summary["teacher"], summary["seeds"], summary["versus"]
+    holdout = summary["holdout_images"]
+    header = ("| recipe | baseline | baseline acc | KD acc | KD - baseline [95% CI images] "
+              "[95% CI seeds] | gap closed | F1: baseline | KD | F1 gap closed |")
+    if holdout:
+        header += " held-out: baseline | KD | KD - baseline [95% CI images] | gap closed |"
+    lines = [header, "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
+             + (" ---: | ---: | --- | ---: |" if holdout else "")]
     for row in summary["recipes"]:
-        acc, f1 = row["accuracy"], row["macro_f1"]
-        seconds = [np.mean([s[f"{kind}_seconds"] for s in row["per_seed"]])
-                   for kind in ("baseline", "kd")]
-        lines.append(
-            f"| {row['recipe']} | {_pm(acc['baseline'])} | {_pm(acc['kd'])} | "
-            f"{_pm(acc['difference'], True)} {_interval(acc['image_interval'])} "
-            f"{_interval(acc['seed_interval'])} | {_share(acc['gap_closed'])} | "
-            f"{_pm(f1['baseline'])} | {_pm(f1['kd'])} | {_share(f1['gap_closed'])} | "
-            f"{seconds[0]:.0f}, {seconds[1]:.0f} |")
+        for against, compared in row["against"].items():
+            test = compared["test"]
+            acc, f1 = test["accuracy"], test["macro_f1"]
+            baseline = "own" if against == "own" else f"{versus}'s"
+            line = (f"| {row['recipe']} | {baseline} | "
+                    f"{_pm(acc['baseline'])} | {_pm(acc['kd'])} | "
+                    f"{_pm(acc['difference'], True)} {_interval(acc['image_interval'])} "
+                    f"{_interval(acc['seed_interval'])} | {_share(acc['gap_closed'])} | "
+                    f"{_pm(f1['baseline'])} | {_pm(f1['kd'])} | {_share(f1['gap_closed'])} |")
+            if holdout:
+                held = compared["holdout"]["accuracy"]
+                line += (f" {_pm(held['baseline'])} | {_pm(held['kd'])} | "
+                         f"{_pm(held['difference'], True)} {_interval(held['image_interval'])} | "
+                         f"{_share(held['gap_closed'])} |")
+            lines.append(line)
     lines.append("")
-    lines.append("Per seed (accuracy, baseline -> KD):")
+    lines.append("Per seed (accuracy on the split's test images, baseline -> KD"
+                 + ("; held-out" if holdout else "") + "; training seconds):")
     for row in summary["recipes"]:
         lines.append(f"- {row['recipe']} (`{' '.join(row['flags'])}`): " + "; ".join(
             f"seed {s['seed']}: {100 * s['baseline_accuracy']:.2f} -> "
-            f"{100 * s['kd_accuracy']:.2f}" for s in row["per_seed"]))
+            f"{100 * s['kd_accuracy']:.2f}"
+            + (f" (held-out {100 * s['baseline_holdout_accuracy']:.2f} -> "
+               f"{100 * s['kd_holdout_accuracy']:.2f})" if holdout else "")
+            + f", {s['baseline_seconds']:.0f} s + {s['kd_seconds']:.0f} s"
+            for s in row["per_seed"]))
     lines.append("")
-    lines.append(f"Teacher: {100 * teacher['accuracy']:.2f}% accuracy, "
-                 f"{100 * teacher['macro_f1']:.2f}% macro-F1. {len(seeds)} seeds "
-                 f"({', '.join(map(str, seeds))}), one split, n = {teacher['n']} test images; "
-                 f"mean ± sample std over seeds, in %; differences in points. CI images: "
-                 f"{summary['resamples']} paired bootstrap resamples of the test images "
-                 f"(seed-averaged difference); CI seeds: Student t over the per-seed "
-                 f"differences. Gap closed: (KD - baseline) / (teacher - baseline), means.")
+    lines.append(
+        f"Teacher: {100 * teacher['accuracy']:.2f}% accuracy, {100 * teacher['macro_f1']:.2f}% "
+        f"macro-F1 on the split's n = {teacher['n']} test images. {len(seeds)} seeds "
+        f"({', '.join(map(str, seeds))}), one split; mean ± sample std over seeds, in %; "
+        f"differences in points. 'own': the recipe's baseline (same flags less the "
+        f"distillation ones); '{versus}'s': the baseline of recipe {versus}. CI images: "
+        f"{summary['resamples']} paired bootstrap resamples of the test images "
+        f"(seed-averaged difference); CI seeds: Student t over the per-seed differences. "
+        f"Gap closed: (KD - baseline) / (teacher - baseline), of the means."
+        + (f" Held-out: the {holdout} labelled images of test.csv (test_labels.csv), never "
+           f"used for training or selection"
+           + (f"; teacher {100 * summary['teacher_holdout']['accuracy']:.2f}% there on their HR "
+              f"twins." if summary["teacher_holdout"] else "; no HR twins, so no teacher score "
+              f"and no gap there.") if holdout else ""))
     return "\n".join(lines)
 
 

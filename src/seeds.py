@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import ToolError, read_json, write_json, write_text
+from .cli import ToolError, publish_table, read_json
 from .data import load_or_create_split
 from .stages import STAGES
 from .stats import mean_and_std
@@ -39,12 +39,7 @@ def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str]
             run_stage_in(out_dir / "seeds" / f"seed{seed}", stage, out_dir, data_dir,
                          ["--seed", str(seed), *train_args, *extra], f"seed {seed}: {stage}")
     summary = summarize(out_dir, seeds, stages)
-    table = summary_table(summary)
-    print()
-    print(table)
-    write_text(out_dir / "seeds" / "summary.md", table + "\n")
-    write_json(out_dir / "seeds" / "summary.json", summary)
-    print(f"-> {out_dir / 'seeds' / 'summary.md'}, summary.json")
+    publish_table(out_dir / "seeds", "summary", summary_table(summary), summary)
     return summary
 
 

@@ -100,7 +100,8 @@ def test_compare_recipes_pairs_each_recipe_with_its_own_baseline(finished_run, t
     shutil.copytree(out_dir / "teacher", run / "teacher")
     args = ["--data-dir", data_dir, "--out-dir", run, "--seeds", "0", "1", "--resamples", "200",
             "--recipes", "reference", "at=--method kd+at --feature-layers layer1,layer2",
-            "mixed=--mixup 0.2 --alpha 0.1 --beta 0.9", "--", *TINY_TRAIN_ARGS]
+            "mixed=--mixup 0.2 --alpha 0.1 --beta 0.9", "--versus", "mixed", "--",
+            *TINY_TRAIN_ARGS]
     result = run_script("compare_recipes.py", *args, timeout=600)
     assert result.returncode == 0, result.stderr
     summary = json.loads((run / "recipes" / "summary.json").read_text())
@@ -111,23 +112,41 @@ def test_compare_recipes_pairs_each_recipe_with_its_own_baseline(finished_run, t
     assert rows["at"]["baseline_folder"] == rows["reference"]["baseline_folder"]
     assert rows["mixed"]["baseline_folder"].endswith("mixed")
     assert not (run / "recipes" / "at" / "seed0" / "student").exists()
+    # --versus mixed: the other recipes' KD students also face mixed's baseline.
+    assert "versus" not in rows["mixed"]["against"]
+    for name in ("reference", "at"):
+        assert rows[name]["against"]["versus"]["test"]["accuracy"]["baseline"] == \
+            rows["mixed"]["against"]["own"]["test"]["accuracy"]["baseline"]
     mixed_baseline = json.loads((run / "recipes" / "mixed" / "seed1" / "student" /
                                  "config.json").read_text())["args"]
     assert mixed_baseline["mixup"] == 0.2 and mixed_baseline["seed"] == 1
     for name, row in rows.items():
         base = [s["baseline_accuracy"] for s in row["per_seed"]]
         kd = [s["kd_accuracy"] for s in row["per_seed"]]
-        assert row["accuracy"]["difference"][0] == pytest.approx(
+        assert row["against"]["own"]["test"]["accuracy"]["difference"][0] == pytest.approx(
             (kd[0] - base[0] + kd[1] - base[1]) / 2)
-        low, high = row["accuracy"]["image_interval"]
-        assert low <= row["accuracy"]["difference"][0] <= high
-        low, high = row["accuracy"]["seed_interval"]
-        assert low <= row["accuracy"]["difference"][0] <= high
+        test = row["against"]["own"]["test"]["accuracy"]
+        low, high = test["image_interval"]
+        assert low <= test["difference"][0] <= high
+        low, high = test["seed_interval"]
+        assert low <= test["difference"][0] <= high
         for seed in (0, 1):
             kd_args = json.loads((run / "recipes" / name / f"seed{seed}" / "kd_student" /
                                   "config.json").read_text())["args"]
             assert kd_args["seed"] == seed and kd_args["epochs"] == 1
         assert Path(row["curves"]).read_bytes().startswith(b"\x89PNG")
+        # Held-out images (test_labels.csv): every seed's score recomputed from its saved
+        # predictions, and the teacher scored on their HR twins.
+        labels = pd.read_csv(data_dir / "test_labels.csv")
+        for seed, scores in zip((0, 1), row["per_seed"]):
+            predicted = pd.read_csv(run / "recipes" / name / f"seed{seed}" / "kd_student" /
+                                    "holdout_predictions.csv")
+            assert scores["kd_holdout_accuracy"] == pytest.approx(
+                (predicted["label"] == labels["label"]).mean())
+        held = row["against"]["own"]["holdout"]["accuracy"]
+        assert held["image_interval"][0] <= held["difference"][0] <= held["image_interval"][1]
+    assert 0 <= summary["teacher_holdout"]["accuracy"] <= 1
+    assert summary["holdout_images"] == len(pd.read_csv(data_dir / "test_labels.csv"))
     table = (run / "recipes" / "summary.md").read_text()
     assert "| reference |" in table and "| mixed |" in table and "gap closed" in table
     rerun = run_script("compare_recipes.py", *args)
