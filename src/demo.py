@@ -70,14 +70,16 @@ def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
 def write_demo_dataset(out_dir: Path, per_class: int = 40, test_images: int = 50,
                        lr_size: int = 16, scale: int = 4, seed: int = 0,
                        num_classes: int = 25, progress: bool = True) -> Path:
-    """Write train.csv, test.csv, train/, upscale_train/, test/ under ``out_dir``.
+    """Write train.csv, test.csv, train/, upscale_train/, test/ under ``out_dir``, and the
+    test images' labels and HR twins (test_labels.csv, upscale_test/: not part of the
+    DACON layout, they let compare_recipes.py score on held-out images).
 
     Deterministic for a seed. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     classes = class_names()[:num_classes]
     rng = np.random.default_rng(seed)
-    for folder in ("train", "upscale_train", "test"):
+    for folder in ("train", "upscale_train", "test", "upscale_test"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     hr_size = lr_size * scale
     rows = []
@@ -93,12 +95,17 @@ def write_demo_dataset(out_dir: Path, per_class: int = 40, test_images: int = 50
                      "label": label})
     pd.DataFrame(rows).to_csv(out_dir / "train.csv", index=False)
 
-    test_rows = []
+    test_rows, test_labels = [], []
     for number in range(test_images):
-        colour, texture = classes[rng.integers(len(classes))].split("_")
+        label = classes[rng.integers(len(classes))]
+        colour, texture = label.split("_")
         name = f"TEST_{number:05d}.png"
-        Image.fromarray(downsample(render_hr(rng, hr_size, colour, texture, scale), scale)).save(
-            out_dir / "test" / name)
+        hr = render_hr(rng, hr_size, colour, texture, scale)
+        Image.fromarray(hr).save(out_dir / "upscale_test" / name)
+        Image.fromarray(downsample(hr, scale)).save(out_dir / "test" / name)
         test_rows.append({"ID": f"TEST_{number:05d}", "img_path": f"./test/{name}"})
+        test_labels.append({"ID": f"TEST_{number:05d}", "label": label,
+                            "upscale_img_path": f"./upscale_test/{name}"})
     pd.DataFrame(test_rows).to_csv(out_dir / "test.csv", index=False)
+    pd.DataFrame(test_labels).to_csv(out_dir / "test_labels.csv", index=False)
     return out_dir

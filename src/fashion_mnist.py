@@ -3,8 +3,9 @@
 Each 28x28 photo becomes an HR twin of ``lr_size * scale`` pixels (resized with PIL's
 bicubic filter when that is not 28) and an LR image that is the HR twin box-filtered by
 ``scale``, as the demo data is. Labelled rows go to ``train.csv``; a disjoint draw of
-further images, without labels, to ``test.csv`` (their labels in ``test_labels.csv``,
-which is not part of the DACON layout, so predictions can be scored).
+further images, without labels, to ``test.csv``. Their labels and HR twins go to
+``test_labels.csv`` and ``upscale_test/``, which are not part of the DACON layout: they
+let ``compare_recipes.py`` score students and the teacher on these held-out images.
 
 Only ``train-images-idx3-ubyte`` and ``train-labels-idx1-ubyte`` (optionally ``.gz``) are
 ever opened: the ``t10k-*`` files stay unread, kept for an independent check of a recipe.
@@ -93,7 +94,7 @@ def write_fashion_mnist_dataset(idx_dir: Path, out_dir: Path, per_class: int,
     unlabelled = rest[:test_images]
 
     out_dir = Path(out_dir)
-    for folder in ("train", "upscale_train", "test"):
+    for folder in ("train", "upscale_train", "test", "upscale_test"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
     hr_size = lr_size * scale
 
@@ -118,11 +119,14 @@ def write_fashion_mnist_dataset(idx_dir: Path, out_dir: Path, per_class: int,
     test_rows, test_labels = [], []
     for number, position in enumerate(unlabelled):
         name = f"TEST_{number:05d}.png"
-        Image.fromarray(downsample(hr_twin(position), scale)).save(out_dir / "test" / name)
+        hr = hr_twin(position)
+        Image.fromarray(hr).save(out_dir / "upscale_test" / name)
+        Image.fromarray(downsample(hr, scale)).save(out_dir / "test" / name)
         test_rows.append({"ID": f"TEST_{number:05d}", "img_path": f"./test/{name}"})
-        test_labels.append({"ID": f"TEST_{number:05d}", "label": CLASS_NAMES[labels[position]]})
+        test_labels.append({"ID": f"TEST_{number:05d}", "label": CLASS_NAMES[labels[position]],
+                            "upscale_img_path": f"./upscale_test/{name}"})
     pd.DataFrame(test_rows, columns=["ID", "img_path"]).to_csv(out_dir / "test.csv", index=False)
-    pd.DataFrame(test_labels, columns=["ID", "label"]).to_csv(out_dir / "test_labels.csv",
-                                                              index=False)
+    pd.DataFrame(test_labels, columns=["ID", "label", "upscale_img_path"]).to_csv(
+        out_dir / "test_labels.csv", index=False)
     return {"labelled": len(rows), "test": len(test_rows), "classes": len(CLASS_NAMES),
             "lr_size": lr_size, "hr_size": hr_size}

@@ -81,9 +81,13 @@ def test_fashion_mnist_writes_the_dacon_layout_from_train_files_only(tmp_path):
         source = source_of(hr)
         assert CLASS_NAMES[labels[source]] == row.label
         labelled_sources.add(source)
-    for row in test.itertuples():
+    assert list(test_labels.columns) == ["ID", "label", "upscale_img_path"]
+    for row, labelled in zip(test.itertuples(), test_labels.itertuples()):
         lr = np.asarray(Image.open(out / row.img_path).convert("RGB"))
-        assert lr.shape == (7, 7, 3)
+        hr = np.asarray(Image.open(out / labelled.upscale_img_path).convert("RGB"))
+        assert lr.shape == (7, 7, 3) and np.array_equal(lr, downsample(hr, 4))
+        assert CLASS_NAMES[labels[source_of(hr)]] == labelled.label
+        assert source_of(hr) not in labelled_sources
     # Test images come from photos outside train.csv: no LR image of test equals one of
     # train (the photos are random noise, so equal LR images would mean equal photos).
     train_lr = {Image.open(out / path).tobytes() for path in train["img_path"]}
