@@ -1,7 +1,8 @@
 """Named presets of training flags (``--recipe``). A preset only changes defaults: a flag
 given on the command line always wins. Keys are argparse destinations; a key a stage has
 no flag for (the distillation settings, for the teacher and the baseline) is left out
-there, so the baseline and the KD student of one recipe train alike.
+there, so the baseline and the KD student of one recipe train alike. ``--weights teacher``
+is for students only: a teacher cannot start from itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ RECIPES = {
     # so the teacher labels mixed images it sees in HR, and the KD term dominant.
     "consistent": {"schedule": "cosine", "warmup_epochs": 1.0, "monitor": "last",
                    "mixup": 0.2, "cutmix": 1.0, "alpha": 0.1, "beta": 0.9},
+    # The same, the LR student starting from the HR teacher's weights (baseline too).
+    "teacher-init": {"schedule": "cosine", "warmup_epochs": 1.0, "monitor": "last",
+                     "mixup": 0.2, "cutmix": 1.0, "alpha": 0.1, "beta": 0.9,
+                     "weights": "teacher"},
 }
+STUDENT_ONLY = {"weights"}
 DEFAULT_RECIPE = "reference"
 
 
@@ -27,6 +33,8 @@ def recipe_text(name: str) -> str:
     return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items())
 
 
-def recipe_defaults(name: str, destinations) -> dict:
-    """The preset's settings that a parser with these ``destinations`` has flags for."""
-    return {key: value for key, value in RECIPES[name].items() if key in destinations}
+def recipe_defaults(name: str, destinations, stage: str) -> dict:
+    """The preset's settings that ``stage``'s parser (with these ``destinations``) has
+    flags for."""
+    return {key: value for key, value in RECIPES[name].items()
+            if key in destinations and not (stage == "teacher" and key in STUDENT_ONLY)}

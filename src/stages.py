@@ -87,8 +87,9 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                        help="imagenet (torchvision's ImageNet weights), none (random init, "
                             "train from scratch), teacher (start from the HR teacher "
                             "<out-dir>/teacher/best.pt, which must be of the same --arch: "
-                            "the teacher-initialised student; give the baseline the same for "
-                            "a fair comparison) or the path of a state dict or checkpoint")
+                            "the teacher-initialised student, every layer but a fresh "
+                            "classification head; give the baseline the same for a fair "
+                            "comparison) or the path of a state dict or checkpoint")
     model.add_argument("--input-size", type=int, default=224,
                        help="network input size in pixels; images are resized to it "
                             "(an upsampled 64x64 image suits an ImageNet network far better "
@@ -340,7 +341,7 @@ def parse_train_arguments(stage: str, argv=None) -> argparse.Namespace:
     parser = train_parser(stage)
     recipe = parser.parse_args(argv).recipe
     destinations = {action.dest for action in parser._actions}
-    parser.set_defaults(**recipe_defaults(recipe, destinations))
+    parser.set_defaults(**recipe_defaults(recipe, destinations, stage))
     return parser.parse_args(argv)
 
 
