@@ -90,6 +90,9 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
     if not teacher.exists():
         raise ToolError(f"compare_recipes needs the teacher every recipe learns from: "
                         f"{teacher} not found (train_teacher.py --out-dir {out_dir} first)")
+    versus = versus or next(iter(recipes))
+    if versus not in recipes:
+        raise ToolError(f"--versus {versus!r} is not one of --recipes")
     # Every recipe's settings are checked before any training starts.
     for name, flags in recipes.items():
         for stage, stage_flags in (("kd_student", flags), ("student", baseline_flags(flags))):
@@ -126,9 +129,6 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
             run_stage_in(folders[name][1] / f"seed{seed}", "kd_student", out_dir, data_dir,
                          [*flags, *seed_flags, "--teacher-ckpt", str(teacher)],
                          f"{name}: KD student, seed {seed}")
-    versus = versus or next(iter(recipes))
-    if versus not in recipes:
-        raise ToolError(f"--versus {versus!r} is not one of --recipes")
     results = {}
     for name, (baseline_folder, kd_folder) in folders.items():
         # A recipe's baseline and KD student share its folder: key by folder and stage.

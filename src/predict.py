@@ -67,11 +67,9 @@ def read_holdout_labels(data_dir: Path) -> pd.DataFrame | None:
     path = Path(data_dir) / HOLDOUT_LABELS
     if not path.exists():
         return None
-    labels = read_table(path, ("ID", "label"))
-    with_hr = read_table(path, ("ID", "label", "upscale_img_path")) \
-        if "upscale_img_path" in pd.read_csv(path, nrows=0).columns else None
-    if with_hr is not None:
-        labels = with_hr
+    optional = ("upscale_img_path",) \
+        if "upscale_img_path" in pd.read_csv(path, nrows=0).columns else ()
+    labels = read_table(path, ("ID", "label", *optional))
     table = read_test_table(data_dir)
     if sorted(labels["ID"]) != sorted(table["ID"]):
         raise ToolError(f"{path} does not label exactly the IDs of test.csv")

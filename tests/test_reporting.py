@@ -160,6 +160,10 @@ def test_compare_recipes_pairs_each_recipe_with_its_own_baseline(finished_run, t
     unknown = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir", run,
                          "--recipes", "fancy")
     assert_one_line_error(unknown, "'fancy': not a preset")
+    bad_versus = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir", run,
+                            "--recipes", "fresh=--mixup 0.3", "--versus", "nope")
+    assert_one_line_error(bad_versus, "--versus 'nope' is not one of --recipes")
+    assert not (run / "recipes" / "fresh").exists()          # refused before any training
     no_teacher = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir",
                             tmp_path / "empty")
     assert_one_line_error(no_teacher, "needs the teacher")
