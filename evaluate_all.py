@@ -13,7 +13,7 @@ from pathlib import Path
 
 from src.cli import ToolError, run_main
 from src.report import evaluate_all
-from src.stages import common_arguments
+from src.arguments import common_arguments
 
 
 def main() -> int:

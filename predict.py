@@ -9,7 +9,8 @@ from pathlib import Path
 from src.cli import ToolError, ensure_writable_dir, pick_device, require_at_least_one, run_main, \
     write_csv
 from src.predict import predict_test_set
-from src.stages import cache_dir_for, common_arguments, runtime_for
+from src.arguments import common_arguments
+from src.stages import cache_dir_for, runtime_for
 
 
 def main() -> int:

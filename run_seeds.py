@@ -13,7 +13,7 @@ from pathlib import Path
 
 from src.cli import ToolError, run_main, split_passthrough
 from src.seeds import run_seeds
-from src.stages import STAGES
+from src.arguments import STAGES
 
 
 def main() -> int:

@@ -27,8 +27,8 @@ from .plots import plot_curves
 from .predict import predict_test_set, read_holdout_labels, score_teacher_holdout
 from .recipes import RECIPES
 from .seeds import run_script, run_stage_in
-from .stages import check_arguments, jsonable, load_saved_split, parse_train_arguments, \
-    train_parser
+from .arguments import check_arguments, jsonable, parse_train_arguments, train_parser
+from .stages import load_saved_split
 from .stats import gap_closed, mean_and_std
 from .trainer import Runtime
 
@@ -324,7 +324,7 @@ def recipes_table(summary: dict) -> str:
            f"used for training or selection"
            + (f"; teacher {100 * summary['teacher_holdout']['accuracy']:.2f}% there on their HR "
               f"twins." if summary["teacher_holdout"] else "; no HR twins, so no teacher score "
-              f"and no gap there.") if holdout else ""))
+              "and no gap there.") if holdout else ""))
     return "\n".join(lines)
 
 

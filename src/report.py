@@ -14,7 +14,8 @@ from sklearn.metrics import confusion_matrix, f1_score, v_measure_score
 from .cli import ToolError, ensure_writable_dir, write_json, write_text
 from .data import decode_image
 from .plots import plot_confusion, plot_embeddings, plot_per_class_f1, plot_sample_predictions
-from .stages import STAGES, comparability_warnings, load_saved_split, plot_comparison_figures, \
+from .arguments import STAGES
+from .stages import comparability_warnings, load_saved_split, plot_comparison_figures, \
     test_stage
 from .stats import gap_closed, mcnemar_exact, paired_bootstrap
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .cli import ToolError, publish_table, read_json
 from .data import load_or_create_split
-from .stages import STAGES
+from .arguments import STAGES
 from .stats import mean_and_std
 from .trainer import run_status
 

@@ -9,7 +9,6 @@ Stages and what each trains on:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shutil
 from pathlib import Path
@@ -18,21 +17,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cli import ToolError, ensure_writable_dir, pick_device, read_json, require_at_least_one, \
-    run_record, save_torch, write_csv, write_json
+from .arguments import STAGES, check_arguments, jsonable, parse_train_arguments, test_parser
+from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, save_torch, \
+    write_csv, write_json
 from .data import ImageSet, load_or_create_split
 from .distill import Distiller, HardLabels, LossWeights, parse_method
-from .models import TESTED_ARCHS, build_model, load_checkpoint
+from .models import build_model, load_checkpoint
 from .plots import plot_comparison, plot_curves
-from .recipes import DEFAULT_RECIPE, RECIPES, recipe_defaults, recipe_text
 from .stats import paired_bootstrap
 from .trainer import FitConfig, Runtime, evaluate, fit, run_status
 
-STAGES = {
-    "teacher": {"resolution": "hr", "title": "HR teacher"},
-    "student": {"resolution": "lr", "title": "LR baseline student"},
-    "kd_student": {"resolution": "lr", "title": "LR KD student"},
-}
 # Settings that must agree between the baseline and the KD student for their comparison to
 # mean anything (same split is enforced separately, through split.csv).
 COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", "lr",
@@ -43,240 +37,7 @@ COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", 
 RESUME_FREE = {"resume", "overwrite", "device", "compile", "cache_dir", "no_cache"}
 
 
-# --- arguments -------------------------------------------------------------------------
-
-def common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=Path("data"),
-                        help="folder holding train.csv, test.csv, train/, upscale_train/, "
-                             "test/ (default: %(default)s)")
-    parser.add_argument("--out-dir", type=Path, default=Path("runs"),
-                        help="run folder: split.csv, the image cache and one sub-folder per "
-                             "stage (default: %(default)s)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N "
-                             "(default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="images per batch (default: %(default)s)")
-    parser.add_argument("--no-cache", action="store_true",
-                        help="decode images into memory for this run only instead of using "
-                             "the decoded-image cache")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="decoded-image cache (default: <out-dir>/cache); runs over the "
-                             "same data can share one")
-    parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                        help="bf16 autocast; auto = on with CUDA, off on the CPU "
-                             "(default: %(default)s)")
-    parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                        help="channels-last memory format; auto = on with CUDA "
-                             "(default: %(default)s)")
-
-
-def train_parser(stage: str) -> argparse.ArgumentParser:
-    spec = STAGES[stage]
-    parser = argparse.ArgumentParser(
-        description=f"Train the {spec['title']} on the shared split; writes "
-                    f"<out-dir>/{stage}/ (best.pt, last.pt, history.csv, config.json, "
-                    f"train_summary.json).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common_arguments(parser)
-    model = parser.add_argument_group("model")
-    model.add_argument("--arch", default="resnet50",
-                       help=f"torchvision classifier ({', '.join(TESTED_ARCHS)} are tested; "
-                            f"any torchvision classification model name works)")
-    model.add_argument("--weights", default="imagenet",
-                       help="imagenet (torchvision's ImageNet weights), none (random init, "
-                            "train from scratch), teacher (start from the HR teacher "
-                            "<out-dir>/teacher/best.pt, which must be of the same --arch: "
-                            "the teacher-initialised student, every layer but a fresh "
-                            "classification head; give the baseline the same for a fair "
-                            "comparison) or the path of a state dict or checkpoint")
-    model.add_argument("--input-size", type=int, default=224,
-                       help="network input size in pixels; images are resized to it "
-                            "(an upsampled 64x64 image suits an ImageNet network far better "
-                            "than a raw one)")
-    train = parser.add_argument_group("training")
-    train.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
-                       help="named preset of training (and, for the KD student, distillation) "
-                            "settings; flags given explicitly override it: "
-                            + "; ".join(f"{name}: {recipe_text(name)}" for name in RECIPES))
-    train.add_argument("--epochs", type=int, default=30,
-                       help="number of epochs (plateau: at most, early stopping may end "
-                            "sooner; cosine: exactly)")
-    train.add_argument("--schedule", choices=("plateau", "cosine"), default="plateau",
-                       help="plateau: ReduceLROnPlateau on val loss + early stopping; cosine: "
-                            "linear warm-up then cosine decay to --min-lr, every batch, for "
-                            "exactly --epochs (a fixed budget, no early stop)")
-    train.add_argument("--warmup-epochs", type=float, default=0.0,
-                       help="cosine: epochs of linear learning-rate warm-up")
-    train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (peak)")
-    train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
-    train.add_argument("--lr-factor", type=float, default=0.5,
-                       help="ReduceLROnPlateau: multiply the learning rate by this when the "
-                            "validation loss stalls")
-    train.add_argument("--lr-patience", type=int, default=2,
-                       help="ReduceLROnPlateau: epochs without validation-loss improvement "
-                            "before the learning rate drops")
-    train.add_argument("--min-lr", type=float, default=1e-7,
-                       help="lower bound of the learning rate (plateau), or where the "
-                            "cosine decay ends")
-    train.add_argument("--patience", type=int, default=5,
-                       help="early stopping: epochs without improvement of --monitor")
-    train.add_argument("--monitor", choices=("val_loss", "val_acc", "last"),
-                       default="val_loss",
-                       help="what selects best.pt and drives early stopping; last: the final "
-                            "epoch's model (no selection on one noisy validation epoch; suits "
-                            "--schedule cosine)")
-    train.add_argument("--no-hflip", dest="hflip", action="store_false",
-                       help="disable random horizontal flips")
-    train.add_argument("--crop-scale", type=float, default=0.75,
-                       help="random resized crop: smallest area fraction kept (1 = no crop)")
-    train.add_argument("--mixup", type=float, default=0.0,
-                       help="mixup: Beta(a, a) concentration a of the mixing share (0 = off; "
-                            "the KD teacher sees the HR twin mixed with the same partner and "
-                            "share)")
-    train.add_argument("--cutmix", type=float, default=0.0,
-                       help="cutmix: Beta(a, a) concentration a (0 = off); with --mixup too, "
-                            "each batch takes one of the two; boxes fall on LR pixel "
-                            "boundaries, so the HR twin gets exactly the same patch")
-    train.add_argument("--seed", type=int, default=0,
-                       help="fixes the split (when it is first made), initialisation, data "
-                            "order and augmentation")
-    train.add_argument("--deterministic", action="store_true",
-                       help="also force deterministic algorithms (slower on GPU)")
-    train.add_argument("--compile", action="store_true",
-                       help="torch.compile the model (faster epochs on GPU after a slow "
-                            "first one)")
-    runs = parser.add_argument_group("run folder")
-    runs.add_argument("--split-per-class", type=int, default=None, metavar="N",
-                      help="when this stage makes the split (the first to run in --out-dir): "
-                           "split a balanced subset of N labelled images per class, drawn "
-                           "once and saved in split.csv, instead of every image (quick "
-                           "iterations on large data); default: every image")
-    runs.add_argument("--resume", action="store_true",
-                      help="continue this stage from <out-dir>/<stage>/last.pt with the "
-                           "same settings")
-    runs.add_argument("--overwrite", action="store_true",
-                      help="delete this stage's earlier results and start again")
-    if stage == "kd_student":
-        kd = parser.add_argument_group(
-            "distillation", "Loss = alpha*CE + the terms --method names. Logit methods: kd "
-            "(Hinton 2015), dkd (decoupled KD, Zhao 2022). Feature methods, on the last "
-            "convolutional feature maps (teacher maps pooled to the student's size; a learned "
-            "1x1 projection where channels differ): at (attention transfer, Zagoruyko 2017), "
-            "cwd (channel-wise, Shu 2021), mgd (masked generative, Yang 2022), amd (angular "
-            "margin, Jeon 2023; global and local maps 8:2). Defaults are the papers'.")
-        kd.add_argument("--method", default="kd",
-                        help="kd, dkd, at, cwd, mgd, amd, or a logit and feature methods "
-                             "joined by + (kd+at, dkd+cwd+amd)")
-        kd.add_argument("--teacher-ckpt", type=Path, nargs="+", default=None,
-                        help="teacher checkpoint(s) (default: <out-dir>/teacher/best.pt); each "
-                             "is frozen and sees the HR twin of the student's view; with "
-                             "several, soft targets are their averaged probabilities")
-        kd.add_argument("--teacher-weights", type=float, nargs="+", default=None,
-                        help="one weight per teacher for the average (default: equal)")
-        kd.add_argument("--feature-layers", default="last",
-                        help="feature methods: comma-separated layers whose maps are compared, "
-                             "summed over layers: last (the map entering avgpool) or module "
-                             "names present in student and teacher (layer1,layer2,layer3,"
-                             "layer4 for ResNets); teacher maps are pooled to the student's "
-                             "size")
-        kd.add_argument("--temperature", type=float, default=4.0,
-                        help="softmax temperature T of the soft targets (kd, dkd)")
-        kd.add_argument("--alpha", type=float, default=None,
-                        help="weight of the hard-label cross-entropy (default: 0.7 with kd, "
-                             "1.0 otherwise, as in the DKD and feature-method papers)")
-        kd.add_argument("--beta", type=float, default=0.3,
-                        help="kd: weight of T^2 * KL(teacher_T || student_T)")
-        kd.add_argument("--dkd-alpha", type=float, default=1.0,
-                        help="dkd: weight of target-class KD (TCKD)")
-        kd.add_argument("--dkd-beta", type=float, default=8.0,
-                        help="dkd: weight of non-target-class KD (NCKD)")
-        kd.add_argument("--dkd-warmup", type=int, default=20,
-                        help="dkd: epochs over which its term ramps up linearly (0: none)")
-        kd.add_argument("--at-weight", type=float, default=1000.0,
-                        help="at: weight of the attention-map loss")
-        kd.add_argument("--cwd-weight", type=float, default=3.0,
-                        help="cwd: weight of the channel-wise loss")
-        kd.add_argument("--cwd-tau", type=float, default=4.0,
-                        help="cwd: temperature of the per-channel spatial softmax")
-        kd.add_argument("--mgd-weight", type=float, default=7e-5,
-                        help="mgd: weight of the generation loss (summed squared error)")
-        kd.add_argument("--mgd-mask", type=float, default=0.5,
-                        help="mgd: share of student feature locations masked")
-        kd.add_argument("--amd-weight", type=float, default=1.0,
-                        help="amd: weight of the angular-margin loss (the paper's code gives "
-                             "no weight for it; 1 is ours)")
-        kd.add_argument("--teacher-cache", action="store_true",
-                        help="kd/dkd with one teacher: compute its logits once on whole, "
-                             "un-augmented HR images and reuse them every epoch: no teacher "
-                             "forward per step and no HR images in memory, but the soft "
-                             "targets then ignore the student's crop and flip (exact with "
-                             "--no-hflip --crop-scale 1); default: online teacher on paired "
-                             "views")
-    return parser
-
-
-def test_parser(stage: str) -> argparse.ArgumentParser:
-    spec = STAGES[stage]
-    parser = argparse.ArgumentParser(
-        description=f"Evaluate the {spec['title']}'s best checkpoint on the test third of "
-                    f"the split; writes <out-dir>/{stage}/test_metrics.json and "
-                    f"test_predictions.csv. When all three stages are tested, also prints "
-                    f"the comparison and writes the figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common_arguments(parser)
-    parser.add_argument("--ckpt", type=Path, default=None,
-                        help=f"checkpoint to evaluate (default: <out-dir>/{stage}/best.pt)")
-    parser.add_argument("--assets-dir", type=Path, default=Path("assets"),
-                        help="where the comparison figures are written")
-    return parser
-
-
 # --- training --------------------------------------------------------------------------
-
-# Bounds of every numeric training flag: (low, high, low inclusive, high inclusive).
-FLAG_BOUNDS = {
-    "lr": (0, None, False, True), "weight_decay": (0, None, True, True),
-    "lr_factor": (0, 1, False, False), "lr_patience": (0, None, True, True),
-    "min_lr": (0, None, True, True), "crop_scale": (0, 1, False, True),
-    "warmup_epochs": (0, None, True, True), "mixup": (0, None, True, True),
-    "cutmix": (0, None, True, True), "temperature": (0, None, False, True),
-    "alpha": (0, None, True, True), "beta": (0, None, True, True),
-    "dkd_alpha": (0, None, True, True), "dkd_beta": (0, None, True, True),
-    "dkd_warmup": (0, None, True, True), "at_weight": (0, None, True, True),
-    "cwd_weight": (0, None, True, True), "cwd_tau": (0, None, False, True),
-    "mgd_weight": (0, None, True, True), "mgd_mask": (0, 1, True, False),
-    "amd_weight": (0, None, True, True),
-}
-
-
-def _bounds_text(low, high, low_in, high_in) -> str:
-    if high is None:
-        return "at least 0" if low_in else "positive"
-    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-
-
-def check_arguments(args) -> None:
-    """Every numeric flag in range, before any work starts: one line names the first bad one."""
-    require_at_least_one({"--batch-size": args.batch_size,
-                          "--epochs": getattr(args, "epochs", 1),
-                          "--input-size": getattr(args, "input_size", 1),
-                          "--patience": getattr(args, "patience", 1),
-                          "--split-per-class": getattr(args, "split_per_class", None)})
-    for name, (low, high, low_in, high_in) in FLAG_BOUNDS.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        inside = (value >= low if low_in else value > low) and \
-            (high is None or (value <= high if high_in else value < high))
-        if not inside or value != value:        # value != value: NaN
-            raise ToolError(f"--{name.replace('_', '-')} must be "
-                            f"{_bounds_text(low, high, low_in, high_in)} (got {value})")
-    if getattr(args, "min_lr", None) is not None and args.min_lr > args.lr:
-        raise ToolError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if getattr(args, "schedule", None) == "cosine" and args.warmup_epochs >= args.epochs:
-        raise ToolError(f"--warmup-epochs {args.warmup_epochs} leaves nothing of --epochs "
-                        f"{args.epochs} for the cosine decay")
 
 
 def cache_dir_for(args) -> Path | None:
@@ -324,25 +85,6 @@ def _check_resume_settings(stage_dir: Path, args_dict: dict) -> dict:
                         f"({'; '.join(differences)}); resume with the saved settings or "
                         f"use --overwrite")
     return config
-
-
-def jsonable(args: argparse.Namespace) -> dict:
-    def plain(value):
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, (list, tuple)):
-            return [plain(item) for item in value]
-        return value
-    return {key: plain(value) for key, value in vars(args).items()}
-
-
-def parse_train_arguments(stage: str, argv=None) -> argparse.Namespace:
-    """The train script's arguments with its ``--recipe``'s defaults filled in."""
-    parser = train_parser(stage)
-    recipe = parser.parse_args(argv).recipe
-    destinations = {action.dest for action in parser._actions}
-    parser.set_defaults(**recipe_defaults(recipe, destinations, stage))
-    return parser.parse_args(argv)
 
 
 def resolve_init_weights(args, out_dir: Path) -> None:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, make_tiny_dataset, run_script
-from src import stages
+from src import arguments
 
 SCRIPTS = ["check_data.py", "make_demo_data.py", "train_teacher.py", "train_student.py",
            "train_kd_student.py", "test_teacher.py", "test_student.py", "test_kd_student.py"]
@@ -106,9 +106,9 @@ def test_every_script_has_help(script):
     assert result.returncode == 0 and "usage:" in result.stdout
 
 
-@pytest.mark.parametrize("parser", [stages.train_parser("teacher"),
-                                    stages.train_parser("kd_student"),
-                                    stages.test_parser("student")])
+@pytest.mark.parametrize("parser", [arguments.train_parser("teacher"),
+                                    arguments.train_parser("kd_student"),
+                                    arguments.test_parser("student")])
 def test_every_flag_has_help_text(parser):
     for action in parser._actions:
         assert action.help, action.option_strings

@@ -16,7 +16,7 @@ from src.distill import Distiller, FeatureTap, HardLabels, LossWeights, hard_lab
 from src.losses import at_loss
 from src.models import build_model
 from src.recipes import RECIPES
-from src.stages import check_arguments, parse_train_arguments
+from src.arguments import check_arguments, parse_train_arguments
 from src.trainer import FitConfig, make_scheduler
 
 
