@@ -14,6 +14,9 @@ DEMO_ARGS := --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUNS) --arch resnet18 --we
              --input-size 32 --batch-size 64 --lr 2e-3 --epochs 12 --schedule cosine \
              --warmup-epochs 1 --monitor last --overwrite
 TEST_ARGS := --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUNS)
+# The demo's figures are the README's: written to assets/ on purpose (a run's own go to
+# <out-dir>/figures).
+FIGURES := --assets-dir assets
 
 .PHONY: demo test bench clean-demo
 
@@ -30,10 +33,10 @@ demo: $(PY) $(DEMO_DATA)/train.csv
 	$(PY) train_teacher.py $(DEMO_ARGS)
 	$(PY) train_student.py $(DEMO_ARGS)
 	$(PY) train_kd_student.py $(DEMO_ARGS)
-	$(PY) test_teacher.py $(TEST_ARGS)
-	$(PY) test_student.py $(TEST_ARGS)
-	$(PY) test_kd_student.py $(TEST_ARGS)
-	$(PY) evaluate_all.py $(TEST_ARGS)
+	$(PY) test_teacher.py $(TEST_ARGS) $(FIGURES)
+	$(PY) test_student.py $(TEST_ARGS) $(FIGURES)
+	$(PY) test_kd_student.py $(TEST_ARGS) $(FIGURES)
+	$(PY) evaluate_all.py $(TEST_ARGS) $(FIGURES)
 	$(PY) predict.py $(TEST_ARGS) --stage kd_student --tta --overwrite
 
 test: $(PY)

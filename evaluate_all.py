@@ -2,26 +2,24 @@
 
 Prints one summary table (model, input, accuracy, macro-F1, difference from the baseline
 with a paired-bootstrap 95% interval and an exact McNemar p-value), writes it to
-<out-dir>/results.md and results.json, and refreshes the figures in --assets-dir:
+<out-dir>/results.md and results.json, and refreshes the figures in --assets-dir (default <out-dir>/figures):
 test_accuracy_comparison, kd_vs_hard_* curves, per_class_f1, confusion_matrix,
 sample_predictions and tsne (with each model's V-measure). Nothing is retrained.
 
     python evaluate_all.py --out-dir runs
 """
 import argparse
-from pathlib import Path
 
 from src.cli import ToolError, run_main
 from src.report import evaluate_all
-from src.arguments import common_arguments
+from src.arguments import common_arguments, figures_argument
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common_arguments(parser)
-    parser.add_argument("--assets-dir", type=Path, default=Path("assets"),
-                        help="where the figures are written")
+    figures_argument(parser, "the figures")
     parser.add_argument("--resamples", type=int, default=10_000,
                         help="paired bootstrap resamples for the 95%% intervals")
     parser.add_argument("--bootstrap-seed", type=int, default=0,

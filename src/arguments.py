@@ -117,6 +117,9 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                             "order and augmentation")
     train.add_argument("--deterministic", action="store_true",
                        help="also force deterministic algorithms (slower on GPU)")
+    train.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun on CUDA: BatchNorm statistics over the global "
+                            "batch (SyncBatchNorm) instead of each process's share")
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the model (faster epochs on GPU after a slow "
                             "first one)")
@@ -201,9 +204,19 @@ def test_parser(stage: str) -> argparse.ArgumentParser:
     common_arguments(parser)
     parser.add_argument("--ckpt", type=Path, default=None,
                         help=f"checkpoint to evaluate (default: <out-dir>/{stage}/best.pt)")
-    parser.add_argument("--assets-dir", type=Path, default=Path("assets"),
-                        help="where the comparison figures are written")
+    figures_argument(parser, "the comparison figures")
     return parser
+
+
+def figures_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--assets-dir", type=Path, default=None,
+                        help=f"where {what} are written (default: <out-dir>/figures, so each "
+                             f"run keeps its own; the README's figures are made with "
+                             f"--assets-dir assets)")
+
+
+def figures_dir(args) -> Path:
+    return args.assets_dir or Path(args.out_dir) / "figures"
 
 
 # Bounds of every numeric training flag: (low, high, low inclusive, high inclusive).

@@ -76,8 +76,9 @@ def run_main(main: Callable[[], int | None]) -> None:
 
 def progress_bar(iterable, **options):
     """tqdm that draws only on a terminal: a log file gets the scripts' one line per epoch,
-    not thousands of carriage-return updates (tqdm's ``disable=None``)."""
-    options.setdefault("disable", None)
+    not thousands of carriage-return updates (tqdm's ``disable=None``). Under torchrun only
+    rank 0 draws."""
+    options.setdefault("disable", None if os.environ.get("RANK", "0") == "0" else True)
     return tqdm(iterable, **options)
 
 

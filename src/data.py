@@ -279,12 +279,13 @@ def _content_fingerprint(paths: list[Path], description: str) -> str:
 
 
 def load_images(data_dir: Path, relative_paths, cache_dir: Path | None, description: str,
-                quiet: bool = False) -> np.ndarray:
+                quiet: bool = False, memory_map: bool = False) -> np.ndarray:
     """All images of one resolution as an (N, H, W, 3) ``uint8`` array, decoded once.
 
     With ``cache_dir`` the array is kept in ``<cache_dir>/<description>-<key>.npy``, keyed
     by the files' contents, and reused by later stages and runs.
-    A cache larger than half the available memory is memory-mapped instead of read in.
+    A cache larger than half the available memory is memory-mapped instead of read in, as
+    is every cache with ``memory_map`` (processes on one node then share one copy).
     """
     paths = [Path(data_dir) / relative for relative in relative_paths]
     first = decode_image(paths[0])
@@ -321,6 +322,8 @@ def load_images(data_dir: Path, relative_paths, cache_dir: Path | None, descript
         if not quiet:
             print(f"cached {len(paths)} {description} images "
                   f"({size / 2**20:.0f} MiB) -> {cache_file}")
+    if memory_map:
+        return np.load(cache_file, mmap_mode="r")
     available = _available_memory()
     if available is not None and size > available / 2:
         if not quiet:
@@ -352,12 +355,13 @@ class ImageSet:
 
     @classmethod
     def load(cls, split: Split, data_dir: Path, resolutions, cache_dir: Path | None,
-             quiet: bool = False) -> "ImageSet":
+             quiet: bool = False, memory_map: bool = False) -> "ImageSet":
         pixels = {}
         for resolution in resolutions:
             column = RESOLUTION_COLUMN[resolution]
             pixels[resolution] = load_images(data_dir, split.frame[column].tolist(), cache_dir,
-                                             resolution.upper(), quiet=quiet)
+                                             resolution.upper(), quiet=quiet,
+                                             memory_map=memory_map)
         if "lr" in pixels and "hr" in pixels:
             check_pair_sizes(pixels["lr"].shape[1:3], pixels["hr"].shape[1:3])
         return cls(split, pixels, split.label_ids())

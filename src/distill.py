@@ -61,12 +61,12 @@ class LossWeights:
 
 def hard_label_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Cross-entropy with the batch's labels; on a mixed batch, ``lam`` of it with each
-    image's own label and ``1 - lam`` with its partner's."""
+    image's own label (``labels``) and ``1 - lam`` with its partner's (``partner_labels``)."""
     loss = F.cross_entropy(logits.float(), batch["labels"])
     mix = batch.get("mix")
     if mix is None:
         return loss
-    partner_loss = F.cross_entropy(logits.float(), batch["labels"][mix.partner])
+    partner_loss = F.cross_entropy(logits.float(), batch["partner_labels"])
     return mix.lam * loss + (1 - mix.lam) * partner_loss
 
 
@@ -242,7 +242,7 @@ class Distiller(HardLabels):
         w = self.weights
         labels = batch["labels"]
         if batch.get("mix") is not None and batch["mix"].lam < 0.5:
-            labels = labels[batch["mix"].partner]    # dkd's target class: the larger share
+            labels = batch["partner_labels"]    # dkd's target class: the larger share
         student_logits = self.student(views["lr"])
         teacher_logits, teacher_features = self._teacher_outputs(views, batch)
         teacher_weights = self.teacher_weights if self.cached_teacher_logits is None else [1.0]

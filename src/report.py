@@ -14,7 +14,7 @@ from sklearn.metrics import confusion_matrix, f1_score, v_measure_score
 from .cli import ToolError, ensure_writable_dir, write_json, write_text
 from .data import decode_image
 from .plots import plot_confusion, plot_embeddings, plot_per_class_f1, plot_sample_predictions
-from .arguments import STAGES
+from .arguments import STAGES, figures_dir
 from .stages import comparability_warnings, load_saved_split, plot_comparison_figures, \
     test_stage
 from .stats import gap_closed, mcnemar_exact, paired_bootstrap
@@ -103,7 +103,7 @@ def _points(value: float) -> str:
 
 
 def write_figures(results: dict, predictions: dict, labels: np.ndarray, split, args) -> list:
-    assets = ensure_writable_dir(args.assets_dir, "--assets-dir")
+    assets = ensure_writable_dir(figures_dir(args), "--assets-dir")
     classes = split.classes
     titles = {stage: STAGES[stage]["title"] for stage in results}
     written = plot_comparison_figures(results, args.out_dir, assets)

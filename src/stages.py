@@ -17,7 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .arguments import STAGES, check_arguments, jsonable, parse_train_arguments, test_parser
+from .arguments import STAGES, check_arguments, figures_dir, jsonable, parse_train_arguments, \
+    test_parser
+from . import distributed
 from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, save_torch, \
     write_csv, write_json
 from .data import ImageSet, load_or_create_split
@@ -34,7 +36,7 @@ COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", 
                        "monitor", "seed", "hflip", "crop_scale", "schedule", "warmup_epochs",
                        "mixup", "cutmix")
 # Arguments that may differ between a run and its --resume.
-RESUME_FREE = {"resume", "overwrite", "device", "compile", "cache_dir", "no_cache"}
+RESUME_FREE = {"resume", "overwrite", "device", "compile", "cache_dir", "no_cache", "sync_bn"}
 
 
 # --- training --------------------------------------------------------------------------
@@ -46,9 +48,26 @@ def cache_dir_for(args) -> Path | None:
     return ensure_writable_dir(args.cache_dir or Path(args.out_dir) / "cache", "--cache-dir")
 
 
-def runtime_for(args, device: torch.device) -> Runtime:
+def runtime_for(args, device: torch.device, deterministic: bool = False) -> Runtime:
+    """Every setting in which a CUDA run differs from a CPU one is decided here or where
+    the tensors live, and each runs in a CPU test unless it cannot:
+        --amp (bf16 autocast), --channels-last   auto = on with CUDA; both run on the CPU
+                                                 with "on" (tests/test_accelerator.py)
+        cuDNN benchmark / deterministic flags    set here; only cuDNN reads them
+        float views                              make_view resizes floats on an
+                                                 accelerator, uint8 on the CPU; the float
+                                                 path is compared on CPU tensors
+        pinned memory, non-blocking copies       data.iterate_batches on CUDA; pinning
+                                                 needs an accelerator, the copy runs anyway
+        --compile                                torch.compile; runs on the CPU in a test
+        NCCL, SyncBatchNorm, DDP device_ids      distributed.py; gloo runs them on the CPU,
+                                                 SyncBatchNorm is refused there
+    """
     cuda = device.type == "cuda"
     choose = lambda setting: cuda if setting == "auto" else setting == "on"  # noqa: E731
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = cuda and not deterministic
     return Runtime(device=device, amp=choose(args.amp), channels_last=choose(args.channels_last))
 
 
@@ -126,18 +145,19 @@ def train_main(stage: str, argv=None) -> int:
         return 0
     config = _check_resume_settings(stage_dir, args_dict) if args.resume else None
 
+    device = distributed.setup(args.device, args.sync_bn)
+    context = distributed.current()
+    if args.batch_size < 2 * context.world_size:
+        raise ToolError(f"--batch-size {args.batch_size} is the global batch: it must give "
+                        f"each of the {context.world_size} processes at least 2 images")
+    # Every process starts from the same weights (DDP also checks that).
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
-    device = pick_device(args.device)
-    runtime = runtime_for(args, device)
+    runtime = runtime_for(args, device, args.deterministic)
 
-    split = load_or_create_split(args.data_dir, out_dir, args.seed,
-                                 per_class=args.split_per_class)
+    with distributed.main_process_first():
+        split = load_or_create_split(args.data_dir, out_dir, args.seed,
+                                     per_class=args.split_per_class)
     view_sizes = {resolution: args.input_size}
     teachers, teacher_metas = [], []
     if stage == "kd_student":
@@ -155,14 +175,18 @@ def train_main(stage: str, argv=None) -> int:
     model = build_model(args.arch, len(split.classes), args.weights)
     cache_dir = cache_dir_for(args)
     teacher_logits = None
-    if stage == "kd_student" and args.teacher_cache:
-        if len(teachers) > 1:
-            raise ToolError("--teacher-cache takes one teacher checkpoint")
-        teacher_logits = _teacher_logits(teachers[0], teacher_metas[0], args.teacher_ckpt[0],
-                                         split, args.data_dir, cache_dir, args.batch_size,
-                                         runtime)
-        del view_sizes["hr"]    # the student alone needs images from here on
-    images = ImageSet.load(split, args.data_dir, sorted(view_sizes), cache_dir)
+    # Rank 0 decodes the images (and computes the cached teacher logits) into the cache;
+    # the other processes then read the same files, memory-mapped.
+    with distributed.main_process_first():
+        if stage == "kd_student" and args.teacher_cache:
+            if len(teachers) > 1:
+                raise ToolError("--teacher-cache takes one teacher checkpoint")
+            teacher_logits = _teacher_logits(teachers[0], teacher_metas[0],
+                                             args.teacher_ckpt[0], split, args.data_dir,
+                                             cache_dir, args.batch_size, runtime)
+            del view_sizes["hr"]    # the student alone needs images from here on
+        images = ImageSet.load(split, args.data_dir, sorted(view_sizes), cache_dir,
+                               memory_map=context.enabled)
 
     if stage == "kd_student":
         weights = LossWeights(
@@ -186,7 +210,8 @@ def train_main(stage: str, argv=None) -> int:
     if args.compile:
         model.compile()
 
-    _clear_for_overwrite(stage_dir, args)
+    if context.is_main:
+        _clear_for_overwrite(stage_dir, args)
     record = run_record(args_dict, {
         "stage": stage, "device": _device_name(device),
         "split": {"seed": split.seed, "fingerprint": split.fingerprint,
@@ -202,24 +227,32 @@ def train_main(stage: str, argv=None) -> int:
     if config is not None:
         record["resumed"] = config.get("resumed", []) + [record.pop("command")]
         record["command"] = config.get("command")
-    write_json(stage_dir / "config.json", record)
+    record["processes"] = context.world_size
+    if context.is_main:
+        write_json(stage_dir / "config.json", record)
 
     print(f"{STAGES[stage]['title']}: {args.arch} ({args.weights} weights) on "
           f"{resolution.upper()} {images.image_size(resolution)}px -> {args.input_size}px, "
           f"{len(split.indices('train'))} train / {len(split.indices('val'))} val images, "
-          f"{_device_name(device)}")
+          f"{_device_name(device)}"
+          + (f", {context.world_size} processes (torchrun), global batch {args.batch_size}"
+             if context.enabled else ""))
     cfg = FitConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, lr_factor=args.lr_factor, lr_patience=args.lr_patience,
         min_lr=args.min_lr, patience=args.patience, monitor=args.monitor, hflip=args.hflip,
         crop_scale=args.crop_scale, seed=args.seed, amp=runtime.amp,
         channels_last=runtime.channels_last, view_sizes=view_sizes, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, mixup=args.mixup, cutmix=args.cutmix)
+        warmup_epochs=args.warmup_epochs, mixup=args.mixup, cutmix=args.cutmix,
+        sync_bn=args.sync_bn)
     meta = {"stage": stage, "arch": args.arch, "classes": split.classes,
             "resolution": resolution, "input_size": args.input_size,
             "image_size": images.image_size(resolution), "seed": args.seed,
             "split_fingerprint": split.fingerprint}
-    summary = fit(objective, images, cfg, stage_dir, runtime, meta, resume=args.resume)
+    try:
+        summary = fit(objective, images, cfg, stage_dir, runtime, meta, resume=args.resume)
+    finally:
+        distributed.teardown()
     print(f"done: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
           f"({summary['train_seconds']:.0f}s) -> {stage_dir / 'best.pt'}")
     return 0
@@ -259,7 +292,7 @@ def test_main(stage: str, argv=None) -> int:
     check_arguments(args)
     split = load_saved_split(args.data_dir, args.out_dir)
     test_stage(stage, split, args, args.ckpt)
-    compare_stages(args.out_dir, args.assets_dir)
+    compare_stages(args.out_dir, figures_dir(args))
     return 0
 
 

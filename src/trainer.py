@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .cli import ToolError, progress_bar, save_torch, write_csv, write_json
 from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
     mix_views, sample_mix_params, sample_view_params, view_grid
@@ -57,6 +58,7 @@ class FitConfig:
     warmup_epochs: float = 0.0    # cosine: linear warm-up length
     mixup: float = 0.0            # Beta concentration; 0 = off
     cutmix: float = 0.0           # Beta concentration; 0 = off
+    sync_bn: bool = False         # under torchrun on CUDA: SyncBatchNorm in the student
 
 
 @dataclass
@@ -79,12 +81,17 @@ class Runtime:
 
 def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg: FitConfig,
                     generator: torch.Generator, optimizer, runtime: Runtime,
-                    description: str, scheduler=None) -> dict:
-    """One pass over ``batches``; returns mean loss terms, raw cross-entropy and accuracy.
-    ``scheduler`` (if any) is stepped after every batch."""
+                    description: str, scheduler=None, trainer=None) -> dict:
+    """One pass over the global ``batches``; returns mean loss terms, raw cross-entropy
+    and accuracy (over every process). ``scheduler`` (if any) is stepped after every
+    batch. ``trainer`` is the module whose forward trains (the DDP wrapper under torchrun,
+    else ``objective``): each process draws the views and mixing of the whole global batch,
+    so they do not depend on the number of processes, and trains on its share."""
+    trainer = trainer or objective
     objective.train()
     sums = defaultdict(lambda: torch.zeros((), device=runtime.device))
     seen = 0
+    world_size = distributed.current().world_size
     progress = progress_bar(iterate_batches(images, batches, view_sizes, runtime.device),
                     total=len(batches), desc=description, unit="batch", leave=False)
     for step, batch in enumerate(progress):
@@ -94,12 +101,21 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
         mix = sample_mix_params(len(labels), generator, cfg.mixup, cfg.cutmix, grid)
         with torch.no_grad():
             views = runtime.prepare(mix_views(make_views(batch, view_sizes, params), mix))
+        rows = distributed.share(len(labels))
+        targets = {"labels": labels[rows], "index": batch["index"][rows]}
         if mix is not None:
-            mix.partner = mix.partner.to(labels.device)
-            batch["mix"] = mix
-            # Accuracy on a mixed batch counts the label of the larger share.
-            labels = labels if mix.lam >= 0.5 else labels[mix.partner]
-        logits, terms, loss = train_step(objective, views, batch, optimizer, runtime)
+            targets["mix"] = mix
+            targets["partner_labels"] = labels[mix.partner.to(labels.device)][rows]
+        # Accuracy on a mixed batch counts the label of the larger share.
+        counted = targets["partner_labels"] if mix is not None and mix.lam < 0.5 \
+            else targets["labels"]
+        # DDP averages the processes' gradients; weighting each share's mean loss by its
+        # size makes that average the gradient of the global batch's mean loss.
+        loss_scale = world_size * len(counted) / len(labels)
+        logits, terms, loss = train_step(trainer, {key: view[rows] for key, view in
+                                                   views.items()},
+                                         targets, optimizer, runtime, loss_scale)
+        labels = counted
         if scheduler is not None:
             scheduler.step()
 
@@ -116,18 +132,23 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
             running = sums["loss"].item() / seen
             _check_finite(running, description, step)
             progress.set_postfix(loss=f"{running:.4f}")
-    means = {name: (value / seen).item() for name, value in sums.items() if name != "correct"}
-    means["acc"] = sums["correct"].item() / seen
+    names = sorted(sums)
+    totals = distributed.all_reduce_sum(torch.stack(
+        [sums[name].float() for name in names] + [torch.tensor(float(seen), device=runtime.device)]))
+    totals = dict(zip([*names, "seen"], totals.tolist()))
+    means = {name: totals[name] / totals["seen"] for name in names if name != "correct"}
+    means["acc"] = totals["correct"] / totals["seen"]
     return means
 
 
-def train_step(objective, views: dict, batch: dict, optimizer, runtime: Runtime):
+def train_step(trainer, views: dict, batch: dict, optimizer, runtime: Runtime,
+               loss_scale: float = 1.0):
     """One optimisation step on ready views; returns logits, loss terms and their sum."""
     with runtime.autocast():
-        logits, terms = objective(views, batch)
+        logits, terms = trainer(views, batch)
     loss = sum(terms.values())
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * loss_scale).backward()
     optimizer.step()
     return logits, terms, loss
 
@@ -141,13 +162,17 @@ def _check_finite(value: float, description: str, step: int) -> None:
 @torch.no_grad()
 def evaluate(objective, images: ImageSet, indices: np.ndarray, view_sizes: dict,
              batch_size: int, runtime: Runtime, description: str = "evaluating",
-             features: bool = False) -> dict:
+             features: bool = False, shared: bool = False) -> dict:
     """Cross-entropy, accuracy and macro-F1 on ``indices`` (whole images, no augmentation).
 
     Also returns ``logits`` (N, classes) and ``labels``, and with ``features`` the
-    student's penultimate features (N, D).
+    student's penultimate features (N, D). ``shared``: under torchrun every process
+    evaluates its share of ``indices`` and all get every row's result, so decisions made
+    on it agree.
     """
     objective.eval()
+    if shared:
+        indices = indices[distributed.share(len(indices))]
     all_logits, all_labels = [], []
     batches = batch_indices(indices, batch_size, generator=None)
     with capture_penultimate(objective.student) if features else nullcontext() as captured:
@@ -159,11 +184,16 @@ def evaluate(objective, images: ImageSet, indices: np.ndarray, view_sizes: dict,
             all_logits.append(logits.float().cpu())
             all_labels.append(batch["labels"].cpu())
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    if shared:
+        logits = distributed.all_gather_rows(logits, runtime.device)
+        labels = distributed.all_gather_rows(labels, runtime.device)
     result = classification_metrics(labels.numpy(), logits.argmax(1).numpy())
     result["loss"] = F.cross_entropy(logits, labels).item()
     result["logits"], result["labels"] = logits, labels
     if features:
         result["features"] = torch.cat(captured)
+        if shared:
+            result["features"] = distributed.all_gather_rows(result["features"], runtime.device)
     return result
 
 
@@ -171,22 +201,33 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
         checkpoint_meta: dict, resume: bool) -> dict:
     """Train ``objective.student`` on the split's train rows, select on the val rows.
 
-    Returns the summary that is also written to ``train_summary.json``.
+    Returns the summary that is also written to ``train_summary.json``. Under torchrun
+    every process runs this; rank 0 alone writes the files.
     """
     stage_dir = Path(stage_dir)
+    context = distributed.current()
+    trainer = distributed.wrap_for_training(objective, runtime.device, cfg.sync_bn)
     trainable = [parameter for parameter in objective.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_idx, val_idx = images.split.indices("train"), images.split.indices("val")
-    # A batch of one would break BatchNorm; dropping the last short batch avoids that.
-    drop_last = len(train_idx) % cfg.batch_size == 1
+    # A share of one image would break BatchNorm; dropping a last batch too short to give
+    # every process two images avoids that.
+    drop_last = 0 < len(train_idx) % cfg.batch_size < 2 * context.world_size
     steps_per_epoch = len(batch_indices(train_idx, cfg.batch_size, None, drop_last=drop_last))
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0,
-             "history": [], "train_seconds": 0.0}
+             "history": [], "train_seconds": 0.0, "world_size": context.world_size}
     if resume:
         state = _restore(stage_dir / "last.pt", objective, optimizer, scheduler)
         print(f"resuming after epoch {state['epoch']} "
               f"(best so far: epoch {state['best_epoch']})")
+        saved_world = state.get("world_size", 1)
+        if saved_world != context.world_size:
+            # The global batches, their order and augmentation do not depend on the number
+            # of processes, so the run goes on as it would have.
+            print(f"note: the run was trained by {saved_world} process(es), resumes with "
+                  f"{context.world_size}; the global batch is unchanged")
+            state["world_size"] = context.world_size
 
     stopped_early = False
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -197,9 +238,10 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
         lr = optimizer.param_groups[0]["lr"]
         train = train_one_epoch(objective, images, batches, cfg.view_sizes, cfg, generator,
                                 optimizer, runtime, f"epoch {epoch}/{cfg.epochs} train",
-                                scheduler if cfg.schedule == "cosine" else None)
+                                scheduler if cfg.schedule == "cosine" else None, trainer)
+        distributed.broadcast_buffers(objective)
         val = evaluate(objective, images, val_idx, cfg.view_sizes, cfg.batch_size, runtime,
-                       f"epoch {epoch}/{cfg.epochs} val")
+                       f"epoch {epoch}/{cfg.epochs} val", shared=True)
         if cfg.schedule == "plateau":
             scheduler.step(val["loss"])
         seconds = time.perf_counter() - start
@@ -215,20 +257,22 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
         improved = best is None or (score < best if cfg.monitor == "val_loss" else score > best)
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
+        if improved and context.is_main:
             save_checkpoint(stage_dir / "best.pt", objective.student,
                             {**checkpoint_meta, "epoch": epoch, "val_loss": val["loss"],
                              "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"],
                              "distill_modules": objective.extra_state()})
-        else:
+        if not improved:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
         # A fixed budget (cosine) or the last epoch as the model: no early stop.
         stopped_early = (cfg.schedule == "plateau" and cfg.monitor != "last"
                          and state["bad_epochs"] >= cfg.patience)
         finished = stopped_early or epoch == cfg.epochs
-        write_csv(stage_dir / "history.csv", pd.DataFrame(state["history"]))
-        # last.pt is written last: it is the commit point a resume starts from.
-        _save_last(stage_dir / "last.pt", objective, optimizer, scheduler, state, finished)
+        if context.is_main:
+            write_csv(stage_dir / "history.csv", pd.DataFrame(state["history"]))
+            # last.pt is written last: it is the commit point a resume starts from.
+            _save_last(stage_dir / "last.pt", objective, optimizer, scheduler, state, finished)
         print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
               f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
               f" f1 {row['val_macro_f1']:.4f}  lr {lr:.2e}  {seconds:.1f}s"
@@ -241,8 +285,10 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
                **({} if cfg.monitor == "last" else {f"best_{cfg.monitor}": state["best_score"]}),
                "stopped_early": stopped_early,
                "train_seconds": round(state["train_seconds"], 2),
+               "processes": context.world_size,
                "config": {key: value for key, value in asdict(cfg).items()}}
-    write_json(stage_dir / "train_summary.json", summary)
+    if context.is_main:
+        write_json(stage_dir / "train_summary.json", summary)
     return summary
 
 

@@ -62,13 +62,14 @@ def finished_run(tiny_data, tmp_path_factory):
     Returns (data_dir, out_dir, assets_dir, outputs) with each script's CompletedProcess.
     """
     out_dir = tmp_path_factory.mktemp("runs") / "run"
-    assets_dir = out_dir.parent / "assets"
+    # No --assets-dir: a run's figures belong in its own folder by default.
+    assets_dir = out_dir / "figures"
     outputs = {}
     common = ["--data-dir", tiny_data, "--out-dir", out_dir]
     for script in ("train_teacher.py", "train_student.py", "train_kd_student.py"):
         outputs[script] = run_script(script, *common, *TINY_TRAIN_ARGS)
         assert outputs[script].returncode == 0, outputs[script].stderr
     for script in ("test_teacher.py", "test_student.py", "test_kd_student.py"):
-        outputs[script] = run_script(script, *common, "--assets-dir", assets_dir)
+        outputs[script] = run_script(script, *common)
         assert outputs[script].returncode == 0, outputs[script].stderr
     return tiny_data, out_dir, assets_dir, outputs

@@ -71,7 +71,8 @@ def test_mixed_cross_entropy_weighs_both_labels():
     mix = MixParams(torch.tensor([1, 0, 3, 2]), 0.3)
     expected = 0.3 * F.cross_entropy(logits, labels) \
         + 0.7 * F.cross_entropy(logits, labels[mix.partner])
-    assert hard_label_loss(logits, {"labels": labels, "mix": mix}).item() == \
+    batch = {"labels": labels, "mix": mix, "partner_labels": labels[mix.partner]}
+    assert hard_label_loss(logits, batch).item() == \
         pytest.approx(expected.item(), rel=1e-6)
     assert hard_label_loss(logits, {"labels": labels}).item() == \
         pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
@@ -281,8 +282,8 @@ def test_hard_labels_objective_uses_the_mix():
     objective = HardLabels(model, "lr").eval()
     views = {"lr": torch.randn(2, 3, 32, 32)}
     mix = MixParams(torch.tensor([1, 0]), 0.25)
-    logits, terms = objective(views, {"labels": torch.tensor([0, 2]), "mix": mix})
-    assert terms["ce"].item() == pytest.approx(
-        hard_label_loss(logits, {"labels": torch.tensor([0, 2]), "mix": mix}).item())
+    batch = {"labels": torch.tensor([0, 2]), "mix": mix, "partner_labels": torch.tensor([2, 0])}
+    logits, terms = objective(views, batch)
+    assert terms["ce"].item() == pytest.approx(hard_label_loss(logits, batch).item())
     assert not math.isclose(terms["ce"].item(),
                             F.cross_entropy(logits, torch.tensor([0, 2])).item())

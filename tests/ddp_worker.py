@@ -1,0 +1,98 @@
+"""One train stage as its script runs it, under torchrun or alone, recording what each
+process did; tests/test_distributed.py launches it. Not a test module itself.
+
+    torchrun --nproc_per_node=2 -m tests.ddp_worker teacher --data-dir ... --out-dir ...
+
+Environment:
+    DDP_RECORD      folder for rank<k>.json (files written, rows trained on, per epoch)
+                    and weights-rank<k>.pt (the student's final state)
+    DDP_TINY_MODEL  1: a small CNN without BatchNorm instead of --arch, so a sharded run
+                    can match a single-process one to float rounding
+    DDP_KILL        RANK:EPOCH:STEP: that rank kills itself (SIGKILL) at that step
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from src import data, models, stages, trainer
+from src.cli import run_main
+
+RANK = int(os.environ.get("RANK", "0"))
+RECORD = Path(os.environ["DDP_RECORD"])
+written: list[str] = []
+rows_by_epoch: dict[int, list[int]] = {}
+current_epoch, steps = [0], [0]
+
+
+def recording(write):
+    def record_then_write(path, *args, **kwargs):
+        written.append(str(path))
+        return write(path, *args, **kwargs)
+    return record_then_write
+
+
+for module in (stages, trainer, models, data):
+    for name in ("save_torch", "write_csv", "write_json"):
+        if hasattr(module, name):
+            setattr(module, name, recording(getattr(module, name)))
+
+
+def tiny_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, num_classes))
+
+
+if os.environ.get("DDP_TINY_MODEL") == "1":
+    stages.build_model = tiny_model
+
+kill = os.environ.get("DDP_KILL")
+original_epoch, original_step, original_fit = trainer.train_one_epoch, trainer.train_step, \
+    stages.fit
+
+
+def train_one_epoch(*args, **kwargs):
+    current_epoch[0] += 1
+    steps[0] = 0
+    return original_epoch(*args, **kwargs)
+
+
+def train_step(trainer_module, views, batch, *args, **kwargs):
+    if kill and [RANK, current_epoch[0], steps[0]] == [int(part) for part in kill.split(":")]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    steps[0] += 1
+    rows_by_epoch.setdefault(current_epoch[0], []).extend(batch["index"].tolist())
+    return original_step(trainer_module, views, batch, *args, **kwargs)
+
+
+def fit(objective, images, cfg, stage_dir, runtime, meta, resume):
+    # A resumed run counts its epochs from where it starts.
+    current_epoch[0] = torch.load(Path(stage_dir) / "last.pt", weights_only=False)[
+        "state"]["epoch"] if resume else 0
+    summary = original_fit(objective, images, cfg, stage_dir, runtime, meta, resume)
+    torch.save(objective.student.state_dict(), RECORD / f"weights-rank{RANK}.pt")
+    return summary
+
+
+trainer.train_one_epoch, trainer.train_step, stages.fit = train_one_epoch, train_step, fit
+
+
+def main() -> int:
+    stage, argv = sys.argv[1], sys.argv[2:]
+    try:
+        return stages.train_main(stage, argv)
+    finally:
+        (RECORD / f"rank{RANK}.json").write_text(json.dumps(
+            {"written": written, "rows": rows_by_epoch}))
+
+
+if __name__ == "__main__":
+    run_main(main)

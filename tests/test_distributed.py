@@ -1,0 +1,183 @@
+"""torchrun and DistributedDataParallel on the CPU (gloo, 2 processes), and the paths a GPU
+run takes (bf16 autocast, channels-last, torch.compile) run on the CPU.
+
+The runs go through tests/ddp_worker.py: the stage exactly as its script runs it, plus a
+record per rank of the files it wrote, the rows it trained on and its final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from src import distributed
+from src.data import read_table
+
+from conftest import ROOT, TINY_TRAIN_ARGS
+
+# A sharded run matches a single-process one only where every sample is computed alone:
+# BatchNorm normalises each process's share by its own statistics (as in any DDP run
+# without SyncBatchNorm, which is CUDA-only). With the worker's BatchNorm-free model the
+# difference is float rounding of the gradient all-reduce: 4e-8 measured, 1e-6 allowed.
+ROUNDING = 1e-6
+
+
+def run_worker(stage: str, record, *args, processes: int = 2, env: dict | None = None,
+               timeout: int = 300):
+    """``stage`` through tests/ddp_worker.py, under torchrun with ``processes`` > 1."""
+    record.mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    return subprocess.run(
+        [*launcher, "-m", "tests.ddp_worker", stage, *map(str, args)], cwd=ROOT,
+        capture_output=True, text=True, timeout=timeout,
+        # One thread a process: two processes share the 2-core CI machine.
+        env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_RECORD": str(record), **(env or {})})
+
+
+def ranks(record, processes: int = 2) -> list[dict]:
+    return [json.loads((record / f"rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+def weights(record, rank: int = 0) -> dict:
+    return torch.load(record / f"weights-rank{rank}.pt", weights_only=True)
+
+
+def max_difference(first: dict, second: dict) -> float:
+    assert first.keys() == second.keys()
+    return max((first[key].double() - second[key].double()).abs().max().item() for key in first)
+
+
+def test_shares_split_every_global_batch_exactly_once():
+    for batch_size in (2, 7, 8, 64, 65):
+        for world_size in (1, 2, 3):
+            if batch_size < world_size:
+                continue
+            rows = [list(range(batch_size))[distributed.share(batch_size, distributed.Context(
+                rank, rank, world_size))] for rank in range(world_size)]
+            assert sum(rows, []) == list(range(batch_size))          # in order, no overlap
+            assert max(map(len, rows)) - min(map(len, rows)) <= 1
+
+
+@pytest.fixture(scope="module")
+def stages_under_torchrun(tiny_data, tmp_path_factory):
+    """The three stages, one epoch each, with 2 processes; KD with paired mixing and a
+    trained generator (mgd) inside DDP."""
+    out_dir = tmp_path_factory.mktemp("torchrun") / "run"
+    extra = {"teacher": [], "student": ["--mixup", "0.2", "--cutmix", "1"],
+             "kd_student": ["--method", "kd+mgd", "--mixup", "0.2", "--cutmix", "1"]}
+    results = {}
+    for stage in ("teacher", "student", "kd_student"):
+        record = out_dir.parent / f"record-{stage}"
+        result = run_worker(stage, record, "--data-dir", tiny_data, "--out-dir", out_dir,
+                            *TINY_TRAIN_ARGS, *extra[stage])
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[stage] = (result, record)
+    return tiny_data, out_dir, results
+
+
+@pytest.mark.parametrize("stage", ["teacher", "student", "kd_student"])
+def test_each_stage_trains_under_torchrun(stages_under_torchrun, stage):
+    _, out_dir, results = stages_under_torchrun
+    result, record = results[stage]
+    main, other = ranks(record)
+    # The shares of the epoch cover the train rows exactly once.
+    split = read_table(out_dir / "split.csv", ("img_path", "subset"))
+    train_rows = sorted(split.index[split["subset"] == "train"].tolist())
+    assert sorted(main["rows"]["1"] + other["rows"]["1"]) == train_rows
+    assert main["rows"]["1"] and other["rows"]["1"]
+    # Both ranks end with the same model, weights and BatchNorm statistics alike.
+    assert max_difference(weights(record, 0), weights(record, 1)) == 0
+    # Rank 0 alone writes files; it prints the epoch lines once.
+    assert other["written"] == []
+    assert {f"{out_dir / stage / name}" for name in ("best.pt", "last.pt", "history.csv",
+                                                      "config.json", "train_summary.json")} \
+        <= set(main["written"])
+    assert result.stdout.count("epoch   1 ") == 1
+    assert "2 processes (torchrun), global batch 8" in result.stdout
+    summary = json.loads((out_dir / stage / "train_summary.json").read_text())
+    assert summary["processes"] == 2
+
+
+def test_sharded_run_matches_a_single_process_and_resumes_after_a_killed_rank(
+        tiny_data, tmp_path):
+    """Same global batch, 1 process against 2: equal to float rounding. Then rank 1 is
+    killed in epoch 2: the job fails, and --resume finishes it under torchrun, and with
+    another number of processes, both equal to the uninterrupted run."""
+    # Batches of 7: shares of 4 and 3 images, so each share's loss weight matters.
+    common = ["--data-dir", tiny_data, *TINY_TRAIN_ARGS, "--epochs", "3", "--batch-size", "7"]
+    tiny = {"DDP_TINY_MODEL": "1"}
+    single = run_worker("teacher", tmp_path / "single", *common, "--out-dir",
+                        tmp_path / "single-run", processes=1, env=tiny)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = run_worker("teacher", tmp_path / "sharded", *common, "--out-dir",
+                         tmp_path / "sharded-run", env=tiny)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    uninterrupted = weights(tmp_path / "sharded")
+    assert max_difference(weights(tmp_path / "single"), uninterrupted) < ROUNDING
+    single_history = pd.read_csv(tmp_path / "single-run" / "teacher" / "history.csv")
+    sharded_history = pd.read_csv(tmp_path / "sharded-run" / "teacher" / "history.csv")
+    for column in ("train_loss", "val_loss", "val_acc"):
+        assert (single_history[column] - sharded_history[column]).abs().max() < 1e-5
+
+    for resume_processes in (2, 1):
+        out_dir = tmp_path / f"killed-{resume_processes}"
+        killed = run_worker("teacher", tmp_path / f"kill-{resume_processes}", *common,
+                            "--out-dir", out_dir, env={**tiny, "DDP_KILL": "1:2:1"})
+        assert killed.returncode != 0
+        history = pd.read_csv(out_dir / "teacher" / "history.csv")
+        assert history["epoch"].tolist() == [1]           # epoch 2 died with rank 1
+        record = tmp_path / f"resume-{resume_processes}"
+        resumed = run_worker("teacher", record, *common, "--out-dir", out_dir, "--resume",
+                             processes=resume_processes, env=tiny)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert pd.read_csv(out_dir / "teacher" / "history.csv")["epoch"].tolist() == [1, 2, 3]
+        assert max_difference(weights(record), uninterrupted) < ROUNDING
+        if resume_processes == 1:
+            assert "resumes with 1" in resumed.stdout
+
+
+def test_sync_bn_is_refused_on_the_cpu_in_one_line(tiny_data, tmp_path):
+    result = run_worker("teacher", tmp_path / "record", "--data-dir", tiny_data, "--out-dir",
+                        tmp_path / "run", *TINY_TRAIN_ARGS, "--sync-bn", timeout=120)
+    assert result.returncode != 0
+    assert "error: --sync-bn: PyTorch's SyncBatchNorm runs on CUDA only" in result.stderr
+    assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_a_global_batch_too_small_for_the_processes_is_refused(tiny_data, tmp_path):
+    result = run_worker("teacher", tmp_path / "record", "--data-dir", tiny_data, "--out-dir",
+                        tmp_path / "run", *TINY_TRAIN_ARGS, "--batch-size", "3", timeout=120)
+    assert result.returncode != 0
+    assert "--batch-size 3 is the global batch" in result.stderr
+
+
+def test_gpu_paths_run_on_the_cpu(tiny_data, tmp_path):
+    """bf16 autocast and channels-last (on by default on CUDA) and torch.compile, on the
+    CPU: the KD student trains with the first two, a small model compiles and trains."""
+    common = ["--data-dir", tiny_data, "--out-dir", tmp_path / "run", *TINY_TRAIN_ARGS,
+              "--amp", "on", "--channels-last", "on"]
+    for stage in ("teacher", "kd_student"):
+        result = run_worker(stage, tmp_path / f"record-{stage}", *common, processes=1)
+        assert result.returncode == 0, result.stderr[-3000:]
+        history = pd.read_csv(tmp_path / "run" / stage / "history.csv")
+        assert history["train_loss"].notna().all() and history["val_acc"].notna().all()
+    assert json.loads((tmp_path / "run" / "kd_student" / "config.json").read_text())[
+        "args"]["amp"] == "on"
+    compiled = run_worker("teacher", tmp_path / "record-compiled", "--data-dir", tiny_data,
+                          "--out-dir", tmp_path / "compiled", *TINY_TRAIN_ARGS, "--compile",
+                          processes=1, env={"DDP_TINY_MODEL": "1"}, timeout=600)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    plain = run_worker("teacher", tmp_path / "record-plain", "--data-dir", tiny_data,
+                       "--out-dir", tmp_path / "plain", *TINY_TRAIN_ARGS, processes=1,
+                       env={"DDP_TINY_MODEL": "1"})
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    # Compiled kernels fuse and reorder float operations: close, not equal.
+    assert max_difference(weights(tmp_path / "record-compiled"),
+                          weights(tmp_path / "record-plain")) < 1e-4
