@@ -1,6 +1,7 @@
 # make demo   set up .venv, write the demo data, run all seven stages, evaluate_all and predict on it
 # make test   set up .venv and run the test suite
 # make bench  set up .venv and run the training-speed benchmark
+# make bench-processes  seconds per epoch of the demo teacher with 1 and 2 processes (torchrun)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,15 +11,15 @@ DEMO_RUNS ?= runs/demo
 # resolve a 5-point difference; ResNet18 from scratch at 32 px with a converging schedule
 # (warm-up + cosine, final epoch) so every model reaches its plateau on a CPU.
 DEMO_DATA_ARGS := --per-class 160 --lr-size 8 --scale 4
-DEMO_ARGS := --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUNS) --arch resnet18 --weights none \
-             --input-size 32 --batch-size 64 --lr 2e-3 --epochs 12 --schedule cosine \
-             --warmup-epochs 1 --monitor last --overwrite
+DEMO_TRAIN := --arch resnet18 --weights none --input-size 32 --batch-size 64 --lr 2e-3 \
+              --schedule cosine --warmup-epochs 1 --monitor last
+DEMO_ARGS := --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUNS) $(DEMO_TRAIN) --epochs 12 --overwrite
 TEST_ARGS := --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUNS)
 # The demo's figures are the README's: written to assets/ on purpose (a run's own go to
 # <out-dir>/figures).
 FIGURES := --assets-dir assets
 
-.PHONY: demo test bench clean-demo
+.PHONY: demo test bench bench-processes clean-demo
 
 $(PY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +45,11 @@ test: $(PY)
 
 bench: $(PY)
 	$(PY) benchmark.py
+
+# Seconds per epoch of the demo teacher with 1 and 2 processes under torchrun.
+bench-processes: $(PY) $(DEMO_DATA)/train.csv
+	$(PY) benchmark.py --processes 1 2 --data-dir $(DEMO_DATA) --out-dir runs/bench-processes \
+	    -- $(DEMO_TRAIN) --epochs 3
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_RUNS)

@@ -7,21 +7,33 @@ KD stages, with the ratios full/floor and ours/reference; writes them to a JSON 
 
     python benchmark.py                      # defaults suited to the machine found
     python benchmark.py --images 2000 --steps 3   # a quick look
+
+With --processes, it times instead one epoch of train_teacher.py (the options after --) on
+--data-dir with each number of processes under torchrun (make bench-processes: the demo
+teacher with 1 and 2):
+
+    python benchmark.py --processes 1 2 --data-dir demo_data -- --weights none --epochs 2
 """
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
-from src.bench import DACON_IMAGES, STAGE_RESOLUTIONS, BenchSettings, print_report, \
-    run_benchmark
+from src.bench import DACON_IMAGES, STAGE_RESOLUTIONS, BenchSettings, \
+    print_processes_report, print_report, run_benchmark, time_processes
 from src.cli import ToolError, ensure_writable_dir, pick_device, require_at_least_one, run_main, \
-    write_json
+    split_passthrough, write_json
 from src.trainer import Runtime
 
 
 def main() -> int:
+    argv, train_args = split_passthrough(
+        sys.argv[1:], {"--data-dir", "--out-dir", "--cache-dir", "--overwrite", "--resume"},
+        "benchmark.py --processes")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     usage="%(prog)s [options] [-- train_teacher.py options "
+                                           "with --processes]",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("runs/bench"),
                         help="where the generated data, its cache and the JSON report go")
@@ -50,7 +62,23 @@ def main() -> int:
                         default=list(STAGE_RESOLUTIONS), help="stages to measure")
     parser.add_argument("--json", type=Path, default=None,
                         help="report file (default: <out-dir>/benchmark.json)")
-    args = parser.parse_args()
+    parser.add_argument("--processes", type=int, nargs="+", default=None, metavar="N",
+                        help="instead: seconds per epoch of train_teacher.py (options after "
+                             "--) on --data-dir with each number of processes under torchrun")
+    parser.add_argument("--data-dir", type=Path, default=Path("demo_data"),
+                        help="with --processes: the data set to train on")
+    args = parser.parse_args(argv)
+    if args.processes is not None:
+        require_at_least_one({"--processes": min(args.processes)})
+        out_dir = ensure_writable_dir(args.out_dir)
+        report = time_processes(args.data_dir, out_dir, args.processes, train_args)
+        print_processes_report(report)
+        json_path = args.json or out_dir / "processes.json"
+        write_json(json_path, report)
+        print(f"-> {json_path}")
+        return 0
+    if train_args:
+        raise ToolError("options after -- are for train_teacher.py under --processes")
     if args.images < 250:
         raise ToolError("--images must be at least 250 (25 classes, 10 per class to split)")
     require_at_least_one({"--input-size": args.input_size, "--batch-size": args.batch_size,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from src.cli import ToolError, require_at_least_one, run_main, split_passthrough
 from src.compare import compare_recipes
+from src.seeds import add_processes_argument
 from src.recipes import RECIPES
 
 
@@ -45,12 +46,13 @@ def main() -> int:
                              "teacher-initialised recipes")
     parser.add_argument("--resamples", type=int, default=10_000,
                         help="bootstrap resamples of the test images for the paired interval")
+    add_processes_argument(parser)
     args = parser.parse_args(argv)
-    require_at_least_one({"--resamples": args.resamples})
+    require_at_least_one({"--resamples": args.resamples, "--nproc-per-node": args.nproc_per_node})
     if len(set(args.seeds)) != len(args.seeds):
         raise ToolError("--seeds has duplicates")
     compare_recipes(args.data_dir, args.out_dir, args.recipes, args.seeds, common,
-                    args.resamples, args.versus)
+                    args.resamples, args.versus, args.nproc_per_node)
     return 0
 
 

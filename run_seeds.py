@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from src.cli import ToolError, run_main, split_passthrough
-from src.seeds import run_seeds
+from src.cli import ToolError, require_at_least_one, run_main, split_passthrough
+from src.seeds import add_processes_argument, run_seeds
 from src.arguments import STAGES
 
 
@@ -37,11 +37,14 @@ def main() -> int:
                              "learn from <out-dir>/teacher/best.pt")
     parser.add_argument("--split-seed", type=int, default=0,
                         help="seed of the split when <out-dir> has none yet")
+    add_processes_argument(parser)
     args = parser.parse_args(argv)
+    require_at_least_one({"--nproc-per-node": args.nproc_per_node})
     if len(set(args.seeds)) != len(args.seeds):
         raise ToolError("--seeds has duplicates")
     stages = [stage for stage in STAGES if stage in args.stages]   # teacher before students
-    run_seeds(args.data_dir, args.out_dir, args.seeds, stages, train_args, args.split_seed)
+    run_seeds(args.data_dir, args.out_dir, args.seeds, stages, train_args, args.split_seed,
+              args.nproc_per_node)
     return 0
 
 

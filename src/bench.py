@@ -8,6 +8,9 @@ For each stage (teacher, baseline student, KD student) it measures:
     full       training steps fed by the pipeline                  (ours / reference-style)
 Both "full" variants run the same training step (``trainer.train_step``), so their ratio
 is the loader's doing alone.
+
+``benchmark.py --processes 1 2``: seconds per epoch of a train script with 1 and 2
+processes under torchrun (``time_processes``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, batch_indices, epoch_ge
     view_grid
 from .distill import Distiller, HardLabels, LossWeights
 from .models import FrozenTeacher, build_model
+from .seeds import run_script
 from .trainer import Runtime, train_step
 
 DACON_IMAGES = 15_834
@@ -268,3 +272,36 @@ def print_report(report: dict) -> None:
               f"{r['floor']:>9.1f}{r['full_ours']:>11.1f}{r['full_reference']:>10.1f}"
               f"{r['full_over_floor']:>12.2f}{r['pipeline_ours_over_reference']:>10.2f}"
               f"{r['full_ours_over_reference']:>10.2f}")
+
+
+# --- processes under torchrun ----------------------------------------------------------
+
+def time_processes(data_dir: Path, out_dir: Path, process_counts: list[int],
+                   train_args: list[str]) -> dict:
+    """Seconds per epoch of ``train_teacher.py train_args`` on ``data_dir`` with each
+    number of processes (torchrun on this node; the same global batch, split and cache).
+    Epoch 1 carries one-off costs (threads, allocator); later epochs are the steady state."""
+    report = {"machine": machine_description(torch.device("cpu")), "train_args": train_args,
+              "runs": {}}
+    for count in process_counts:
+        run_dir = Path(out_dir) / f"processes{count}"
+        start = time.perf_counter()
+        run_script("train_teacher.py", "--data-dir", str(data_dir), "--out-dir", str(run_dir),
+                   "--cache-dir", str(Path(out_dir) / "cache"), "--overwrite", *train_args,
+                   processes=count)
+        history = pd.read_csv(run_dir / "teacher" / "history.csv")
+        report["runs"][count] = {"epoch_seconds": [round(s, 2) for s in history["seconds"]],
+                                 "wall_seconds": round(time.perf_counter() - start, 1)}
+    return report
+
+
+def print_processes_report(report: dict) -> None:
+    machine = report["machine"]
+    print(f"machine: {machine['cpu']}, {machine['cpu_cores']} cores, torch {machine['torch']}")
+    print(f"train_teacher.py {' '.join(report['train_args'])}")
+    print(f"{'processes':>9}  {'epoch 1 s':>9}  {'later epochs s':>14}  {'wall s':>7}")
+    for count, run in report["runs"].items():
+        later = run["epoch_seconds"][1:]
+        steady = f"{statistics.mean(later):.2f}" if later else "-"
+        print(f"{count:>9}  {run['epoch_seconds'][0]:>9.2f}  {steady:>14}  "
+              f"{run['wall_seconds']:>7.1f}")

@@ -79,7 +79,7 @@ def _with_teacher(flags: list[str], teacher: Path) -> list[str]:
 
 def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list[int],
                     common: list[str], resamples: int = 10_000,
-                    versus: str | None = None) -> dict:
+                    versus: str | None = None, processes: int = 1) -> dict:
     """Train what is missing, then compare every recipe's KD student with its own baseline
     and with the baseline of recipe ``versus`` (default: the first)."""
     out_dir = Path(out_dir)
@@ -125,10 +125,11 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
         for seed in seeds:
             seed_flags = ["--seed", str(seed)]
             run_stage_in(folders[name][0] / f"seed{seed}", "student", out_dir, data_dir,
-                         [*student_flags, *seed_flags], f"{owner}: baseline, seed {seed}")
+                         [*student_flags, *seed_flags], f"{owner}: baseline, seed {seed}",
+                         processes)
             run_stage_in(folders[name][1] / f"seed{seed}", "kd_student", out_dir, data_dir,
                          [*flags, *seed_flags, "--teacher-ckpt", str(teacher)],
-                         f"{name}: KD student, seed {seed}")
+                         f"{name}: KD student, seed {seed}", processes)
     results = {}
     for name, (baseline_folder, kd_folder) in folders.items():
         # A recipe's baseline and KD student share its folder: key by folder and stage.

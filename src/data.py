@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import shutil
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -308,7 +309,10 @@ def load_images(data_dir: Path, relative_paths, cache_dir: Path | None, descript
             pixels = np.empty(shape, dtype=np.uint8)
             _decode_all(paths, pixels, description)
             return pixels
-        partial = cache_file.with_suffix(".partial.npy")
+        # A name of this process's own: processes of several nodes sharing a cache folder
+        # may decode at once; each renames a complete file into place.
+        partial = cache_file.with_name(f"{cache_file.stem}.{socket.gethostname()}-"
+                                       f"{os.getpid()}.partial.npy")
         pixels = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
         try:
             _decode_all(paths, pixels, description)

@@ -105,12 +105,14 @@ def barrier() -> None:
 
 @contextmanager
 def main_process_first():
-    """Rank 0 runs the block first (making the split, decoding the image cache), the others
-    after it, so shared files are written once and then read."""
-    if not _context.is_main:
+    """The first process of each node runs the block first (making the split, decoding
+    the image cache), the others after it, so a node's files are written once and then
+    read. Nodes sharing a folder write identical files (same seed, same images), each by
+    an atomic rename."""
+    if _context.local_rank != 0:
         barrier()
     yield
-    if _context.is_main:
+    if _context.local_rank == 0:
         barrier()
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str],
-              train_args: list[str], split_seed: int) -> dict:
+              train_args: list[str], split_seed: int, processes: int = 1) -> dict:
     out_dir = Path(out_dir)
     load_or_create_split(data_dir, out_dir, split_seed)      # the one shared split
     teacher_ckpt = out_dir / "teacher" / "best.pt"
@@ -37,16 +37,18 @@ def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str]
             extra = ["--teacher-ckpt", str(teacher_ckpt)] \
                 if stage == "kd_student" and "teacher" not in stages else []
             run_stage_in(out_dir / "seeds" / f"seed{seed}", stage, out_dir, data_dir,
-                         ["--seed", str(seed), *train_args, *extra], f"seed {seed}: {stage}")
+                         ["--seed", str(seed), *train_args, *extra], f"seed {seed}: {stage}",
+                         processes)
     summary = summarize(out_dir, seeds, stages)
     publish_table(out_dir / "seeds", "summary", summary_table(summary), summary)
     return summary
 
 
 def run_stage_in(folder: Path, stage: str, main_out_dir: Path, data_dir: Path,
-                 train_args: list[str], label: str) -> None:
+                 train_args: list[str], label: str, processes: int = 1) -> None:
     """Train and test ``stage`` in ``folder`` on a copy of the main run's split, sharing
-    its image cache. A finished stage is kept, an unfinished one resumed."""
+    its image cache. A finished stage is kept, an unfinished one resumed. ``processes`` >
+    1 trains under torchrun on this node."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("split.csv", "split.json"):
         if not (folder / name).exists():
@@ -57,13 +59,21 @@ def run_stage_in(folder: Path, stage: str, main_out_dir: Path, data_dir: Path,
     if status != "finished":
         print(f"== {label}", flush=True)
         run_script(f"train_{stage}.py", *common, *train_args,
-                   *(["--resume"] if status == "unfinished" else []))
+                   *(["--resume"] if status == "unfinished" else []), processes=processes)
     if not (folder / stage / "test_metrics.json").exists():
         run_script(f"test_{stage}.py", *common, "--assets-dir", str(folder / "assets"))
 
 
-def run_script(script: str, *args: str) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT)
+def add_processes_argument(parser) -> None:
+    parser.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                        help="train each model with N processes on this node under torchrun "
+                             "(one per GPU; --batch-size stays the global batch)")
+
+
+def run_script(script: str, *args: str, processes: int = 1) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+    result = subprocess.run([*launcher, str(ROOT / script), *args], cwd=ROOT)
     if result.returncode != 0:
         raise ToolError(f"{script} {' '.join(args)} failed (exit {result.returncode}); fix "
                         f"that and rerun: finished seeds are kept")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import assert_one_line_error, run_script
+from tests.conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
 
 TINY_BENCH_ARGS = ["--images", "250", "--input-size", "32", "--batch-size", "8", "--steps",
                    "1", "--pipeline-batches", "2", "--pipeline-rounds", "2", "--workers", "1"]
@@ -48,3 +48,19 @@ def test_benchmark_can_run_with_the_default_allocator(tmp_path):
 ])
 def test_benchmark_rejects_bad_settings(tmp_path, args, message):
     assert_one_line_error(run_script("benchmark.py", "--out-dir", tmp_path, *args), message)
+
+
+def test_processes_benchmark_times_an_epoch_with_each_count(tiny_data, tmp_path):
+    """What it prints, not how fast: speed figures belong to the command, not a test."""
+    result = run_script("benchmark.py", "--processes", "1", "2", "--data-dir", tiny_data,
+                        "--out-dir", tmp_path, "--", *TINY_TRAIN_ARGS, "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "processes.json").read_text())
+    assert set(report["runs"]) == {"1", "2"}
+    for run in report["runs"].values():
+        assert len(run["epoch_seconds"]) == 2 and min(run["epoch_seconds"]) > 0
+    assert json.loads((tmp_path / "processes2" / "teacher" / "train_summary.json")
+                      .read_text())["processes"] == 2
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:1] == ["1"] for line in lines)
+    assert any(line.split()[:1] == ["2"] for line in lines)

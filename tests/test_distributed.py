@@ -19,7 +19,7 @@ import torch
 from src import distributed
 from src.data import read_table
 
-from conftest import ROOT, TINY_TRAIN_ARGS
+from conftest import ROOT, TINY_TRAIN_ARGS, run_script
 
 # A sharded run matches a single-process one only where every sample is computed alone:
 # BatchNorm normalises each process's share by its own statistics (as in any DDP run
@@ -181,3 +181,14 @@ def test_gpu_paths_run_on_the_cpu(tiny_data, tmp_path):
     # Compiled kernels fuse and reorder float operations: close, not equal.
     assert max_difference(weights(tmp_path / "record-compiled"),
                           weights(tmp_path / "record-plain")) < 1e-4
+
+
+def test_run_seeds_trains_its_children_under_torchrun(tiny_data, tmp_path):
+    result = run_script("run_seeds.py", "--data-dir", tiny_data, "--out-dir", tmp_path,
+                        "--seeds", "0", "--stages", "teacher", "--nproc-per-node", "2", "--",
+                        *TINY_TRAIN_ARGS, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "seeds" / "seed0" / "teacher" / "train_summary.json")
+                         .read_text())
+    assert summary["processes"] == 2
+    assert (tmp_path / "seeds" / "summary.md").exists()
