@@ -12,7 +12,7 @@ DEMO_RUNS ?= runs/demo
 # (warm-up + cosine, final epoch) so every model reaches its plateau on a CPU.
 DEMO_DATA_ARGS := --per-class 160 --lr-size 8 --scale 4
 DEMO_TRAIN := --arch resnet18 --weights none --input-size 32 --batch-size 64 --lr 2e-3 \
-              --schedule cosine --warmup-epochs 1 --monitor last
+              --schedule cosine --warmup-epochs 1 --select-by last
 DEMO_ARGS := --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUNS) $(DEMO_TRAIN) --epochs 12 --overwrite
 TEST_ARGS := --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUNS)
 # The demo's figures are the README's: written to assets/ on purpose (a run's own go to

@@ -94,12 +94,15 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                        help="lower bound of the learning rate (plateau), or where the "
                             "cosine decay ends")
     train.add_argument("--patience", type=int, default=5,
-                       help="early stopping: epochs without improvement of --monitor")
-    train.add_argument("--monitor", choices=("val_loss", "val_acc", "last"),
-                       default="val_loss",
+                       help="early stopping: epochs without improvement of --select-by")
+    # dest "monitor": its older name, kept in config.json and as an alias. Under torchrun
+    # only --select-by works: torchrun reads --monitor as its own --monitor-interval.
+    train.add_argument("--select-by", "--monitor", dest="monitor",
+                       choices=("val_loss", "val_acc", "last"), default="val_loss",
                        help="what selects best.pt and drives early stopping; last: the final "
                             "epoch's model (no selection on one noisy validation epoch; suits "
-                            "--schedule cosine)")
+                            "--schedule cosine); --monitor is its older name, which torchrun "
+                            "mistakes for its own --monitor-interval")
     train.add_argument("--no-hflip", dest="hflip", action="store_false",
                        help="disable random horizontal flips")
     train.add_argument("--crop-scale", type=float, default=0.75,

@@ -25,12 +25,17 @@ STUDENT_ONLY = {"weights"}
 DEFAULT_RECIPE = "reference"
 
 
+# Destinations whose flag has another name.
+FLAG_NAMES = {"monitor": "select-by"}
+
+
 def recipe_text(name: str) -> str:
     """The preset as flags, for --help and the README."""
     settings = RECIPES[name]
     if not settings:
         return "the parser defaults"
-    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in settings.items())
+    return " ".join(f"--{FLAG_NAMES.get(key, key.replace('_', '-'))} {value}"
+                    for key, value in settings.items())
 
 
 def recipe_defaults(name: str, destinations, stage: str) -> dict:

@@ -4,8 +4,9 @@ process did; tests/test_distributed.py launches it. Not a test module itself.
     torchrun --nproc_per_node=2 -m tests.ddp_worker teacher --data-dir ... --out-dir ...
 
 Environment:
-    DDP_RECORD      folder for rank<k>.json (files written, rows trained on, per epoch)
-                    and weights-rank<k>.pt (the student's final state)
+    DDP_RECORD      folder for rank<k>.json (files written, rows trained on per epoch,
+                    epochs run, best epoch, early stop) and weights-rank<k>.pt (the
+                    student's final state)
     DDP_TINY_MODEL  1: a small CNN without BatchNorm instead of --arch, so a sharded run
                     can match a single-process one to float rounding
     DDP_KILL        RANK:EPOCH:STEP: that rank kills itself (SIGKILL) at that step
@@ -30,6 +31,7 @@ RECORD = Path(os.environ["DDP_RECORD"])
 written: list[str] = []
 rows_by_epoch: dict[int, list[int]] = {}
 current_epoch, steps = [0], [0]
+decisions: dict = {}
 
 
 def recording(write):
@@ -78,6 +80,7 @@ def fit(objective, images, cfg, stage_dir, runtime, meta, resume):
     current_epoch[0] = torch.load(Path(stage_dir) / "last.pt", weights_only=False)[
         "state"]["epoch"] if resume else 0
     summary = original_fit(objective, images, cfg, stage_dir, runtime, meta, resume)
+    decisions.update({key: summary[key] for key in ("epochs_run", "best_epoch", "stopped_early")})
     torch.save(objective.student.state_dict(), RECORD / f"weights-rank{RANK}.pt")
     return summary
 
@@ -91,7 +94,7 @@ def main() -> int:
         return stages.train_main(stage, argv)
     finally:
         (RECORD / f"rank{RANK}.json").write_text(json.dumps(
-            {"written": written, "rows": rows_by_epoch}))
+            {"written": written, "rows": rows_by_epoch, "decisions": decisions}))
 
 
 if __name__ == "__main__":

@@ -143,6 +143,20 @@ def test_sharded_run_matches_a_single_process_and_resumes_after_a_killed_rank(
             assert "resumes with 1" in resumed.stdout
 
 
+def test_every_process_stops_early_at_the_same_epoch(tiny_data, tmp_path):
+    """Validation accuracy on the 4 validation images can rise strictly at most 4 times,
+    so with patience 1 the run must stop early within 8 epochs; a process deciding alone
+    would leave the other waiting in a collective (caught by the timeout)."""
+    result = run_worker("teacher", tmp_path / "record", "--data-dir", tiny_data, "--out-dir",
+                        tmp_path / "run", *TINY_TRAIN_ARGS, "--epochs", "8", "--patience", "1",
+                        "--select-by", "val_acc", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    main, other = ranks(tmp_path / "record")
+    assert main["decisions"]["stopped_early"] and main["decisions"]["epochs_run"] < 8
+    assert main["decisions"] == other["decisions"]
+    assert "early stop" in result.stdout
+
+
 def test_sync_bn_is_refused_on_the_cpu_in_one_line(tiny_data, tmp_path):
     result = run_worker("teacher", tmp_path / "record", "--data-dir", tiny_data, "--out-dir",
                         tmp_path / "run", *TINY_TRAIN_ARGS, "--sync-bn", timeout=120)

@@ -17,7 +17,7 @@ RESUME_ARGS = [*TINY_TRAIN_ARGS[:-4], "--epochs", "4", "--batch-size", "8", "--l
 
 
 # The fixed-budget path: per-batch cosine schedule and paired mixing draws must resume too.
-COSINE_MIX_ARGS = ["--schedule", "cosine", "--warmup-epochs", "1", "--monitor", "last",
+COSINE_MIX_ARGS = ["--schedule", "cosine", "--warmup-epochs", "1", "--select-by", "last",
                    "--mixup", "0.4", "--cutmix", "1.0"]
 
 
