@@ -30,7 +30,8 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N "
                              "(default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32,
-                        help="images per batch (default: %(default)s)")
+                        help="images per batch; under torchrun the global batch, shared among "
+                             "the processes (default: %(default)s)")
     parser.add_argument("--no-cache", action="store_true",
                         help="decode images into memory for this run only instead of using "
                              "the decoded-image cache")

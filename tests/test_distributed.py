@@ -143,6 +143,22 @@ def test_sharded_run_matches_a_single_process_and_resumes_after_a_killed_rank(
             assert "resumes with 1" in resumed.stdout
 
 
+def test_teacher_cache_is_computed_once_under_torchrun(tiny_data, tmp_path):
+    out_dir = tmp_path / "run"
+    teacher = run_worker("teacher", tmp_path / "record-teacher", "--data-dir", tiny_data,
+                         "--out-dir", out_dir, *TINY_TRAIN_ARGS, processes=1)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    result = run_worker("kd_student", tmp_path / "record", "--data-dir", tiny_data,
+                        "--out-dir", out_dir, *TINY_TRAIN_ARGS, "--teacher-cache",
+                        "--no-hflip", "--crop-scale", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    main, other = ranks(tmp_path / "record")
+    assert [path for path in main["written"] if "teacher-logits-" in path]
+    assert other["written"] == []
+    assert len(list((out_dir / "cache").glob("teacher-logits-*.pt"))) == 1
+    assert max_difference(weights(tmp_path / "record", 0), weights(tmp_path / "record", 1)) == 0
+
+
 def test_every_process_stops_early_at_the_same_epoch(tiny_data, tmp_path):
     """Validation accuracy on the 4 validation images can rise strictly at most 4 times,
     so with patience 1 the run must stop early within 8 epochs; a process deciding alone
