@@ -206,10 +206,13 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
     """
     stage_dir = Path(stage_dir)
     context = distributed.current()
+    train_idx, val_idx = images.split.indices("train"), images.split.indices("val")
+    if len(val_idx) < context.world_size:
+        raise ToolError(f"{len(val_idx)} validation images cannot be shared among "
+                        f"{context.world_size} processes; use fewer processes")
     trainer = distributed.wrap_for_training(objective, runtime.device, cfg.sync_bn)
     trainable = [parameter for parameter in objective.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_idx, val_idx = images.split.indices("train"), images.split.indices("val")
     # A share of one image would break BatchNorm; dropping a last batch too short to give
     # every process two images avoids that.
     drop_last = 0 < len(train_idx) % cfg.batch_size < 2 * context.world_size

@@ -11,13 +11,17 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from src import distributed
+from src.cli import ToolError
 from src.data import read_table
+from src.trainer import fit
 
 from conftest import ROOT, TINY_TRAIN_ARGS, run_script
 
@@ -186,6 +190,14 @@ def test_a_global_batch_too_small_for_the_processes_is_refused(tiny_data, tmp_pa
                         tmp_path / "run", *TINY_TRAIN_ARGS, "--batch-size", "3", timeout=120)
     assert result.returncode != 0
     assert "--batch-size 3 is the global batch" in result.stderr
+
+
+def test_too_few_validation_images_for_the_processes_is_refused(monkeypatch, tmp_path):
+    """Every process needs a share of the validation images; checked before DDP starts."""
+    monkeypatch.setattr(distributed, "_context", distributed.Context(0, 0, 8))
+    split = SimpleNamespace(indices=lambda subset: np.arange(40 if subset == "train" else 4))
+    with pytest.raises(ToolError, match="4 validation images cannot be shared among 8"):
+        fit(None, SimpleNamespace(split=split), None, tmp_path, None, {}, resume=False)
 
 
 def test_gpu_paths_run_on_the_cpu(tiny_data, tmp_path):
