@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from . import distributed
 from .cli import ToolError, progress_bar, save_torch, write_csv, write_json
 from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
-    mix_views, sample_mix_params, sample_view_params, view_grid
+    sample_view_params, view_grid
 from .metrics import classification_metrics
+from .mixing import mix_views, sample_mix_params
 from .models import capture_penultimate, save_checkpoint
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
 from src.cli import ToolError
-from src.data import MixParams, mix_views, sample_mix_params
+from src.mixing import MixParams, mix_views, sample_mix_params
 from src.distill import Distiller, FeatureTap, HardLabels, LossWeights, hard_label_loss, \
     match_spatial
 from src.losses import at_loss
