@@ -54,7 +54,8 @@ def tiny_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
 
 
 if os.environ.get("DDP_TINY_MODEL") == "1":
-    stages.build_model = tiny_model
+    # Also where checkpoints are rebuilt, so a KD student can load a tiny teacher.
+    stages.build_model = models.build_model = tiny_model
 
 kill = os.environ.get("DDP_KILL")
 original_epoch, original_step, original_fit = trainer.train_one_epoch, trainer.train_step, \

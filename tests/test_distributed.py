@@ -109,37 +109,50 @@ def test_each_stage_trains_under_torchrun(stages_under_torchrun, stage):
     assert summary["processes"] == 2
 
 
-def test_sharded_run_matches_a_single_process_and_resumes_after_a_killed_rank(
-        tiny_data, tmp_path):
-    """Same global batch, 1 process against 2: equal to float rounding. Then rank 1 is
-    killed in epoch 2: the job fails, and --resume finishes it under torchrun, and with
-    another number of processes, both equal to the uninterrupted run."""
-    # Batches of 7: shares of 4 and 3 images, so each share's loss weight matters.
-    common = ["--data-dir", tiny_data, *TINY_TRAIN_ARGS, "--epochs", "3", "--batch-size", "7"]
-    tiny = {"DDP_TINY_MODEL": "1"}
-    single = run_worker("teacher", tmp_path / "single", *common, "--out-dir",
-                        tmp_path / "single-run", processes=1, env=tiny)
-    assert single.returncode == 0, single.stderr[-3000:]
-    sharded = run_worker("teacher", tmp_path / "sharded", *common, "--out-dir",
-                         tmp_path / "sharded-run", env=tiny)
-    assert sharded.returncode == 0, sharded.stderr[-3000:]
-    uninterrupted = weights(tmp_path / "sharded")
-    assert max_difference(weights(tmp_path / "single"), uninterrupted) < ROUNDING
-    single_history = pd.read_csv(tmp_path / "single-run" / "teacher" / "history.csv")
-    sharded_history = pd.read_csv(tmp_path / "sharded-run" / "teacher" / "history.csv")
-    for column in ("train_loss", "val_loss", "val_acc"):
-        assert (single_history[column] - sharded_history[column]).abs().max() < 1e-5
+TINY_MODEL = {"DDP_TINY_MODEL": "1"}
+# Batches of 7: shares of 4 and 3 images, so each share's loss weight matters.
+MATCH_ARGS = [*TINY_TRAIN_ARGS, "--batch-size", "7"]
 
+
+def test_each_stage_sharded_matches_a_single_process(tiny_data, tmp_path):
+    """Same global batch, 1 process against 2, every stage (the students with paired
+    mixing, both KD students taught by one teacher): equal to float rounding."""
+    mixing = ["--mixup", "0.2", "--cutmix", "1"]
+    teacher = tmp_path / "run1" / "teacher" / "best.pt"
+    for stage, extra in (("teacher", []), ("student", mixing),
+                         ("kd_student", [*mixing, "--teacher-ckpt", teacher])):
+        for processes in (1, 2):
+            result = run_worker(stage, tmp_path / f"{stage}-{processes}", "--data-dir",
+                                tiny_data, "--out-dir", tmp_path / f"run{processes}",
+                                *MATCH_ARGS, "--epochs", "2", *extra, processes=processes,
+                                env=TINY_MODEL)
+            assert result.returncode == 0, result.stderr[-3000:]
+        assert max_difference(weights(tmp_path / f"{stage}-1"),
+                              weights(tmp_path / f"{stage}-2")) < ROUNDING, stage
+        single, sharded = (pd.read_csv(tmp_path / f"run{processes}" / stage / "history.csv")
+                           for processes in (1, 2))
+        for column in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert (single[column] - sharded[column]).abs().max() < 1e-5, (stage, column)
+
+
+def test_a_killed_process_fails_the_job_and_resume_finishes_it(tiny_data, tmp_path):
+    """Rank 1 is killed in epoch 2: the job fails, and --resume finishes it under
+    torchrun, and with another number of processes, both equal to an uninterrupted run."""
+    common = ["--data-dir", tiny_data, *MATCH_ARGS, "--epochs", "3"]
+    whole = run_worker("teacher", tmp_path / "whole", *common, "--out-dir",
+                       tmp_path / "whole-run", env=TINY_MODEL)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    uninterrupted = weights(tmp_path / "whole")
     for resume_processes in (2, 1):
         out_dir = tmp_path / f"killed-{resume_processes}"
         killed = run_worker("teacher", tmp_path / f"kill-{resume_processes}", *common,
-                            "--out-dir", out_dir, env={**tiny, "DDP_KILL": "1:2:1"})
+                            "--out-dir", out_dir, env={**TINY_MODEL, "DDP_KILL": "1:2:1"})
         assert killed.returncode != 0
         history = pd.read_csv(out_dir / "teacher" / "history.csv")
         assert history["epoch"].tolist() == [1]           # epoch 2 died with rank 1
         record = tmp_path / f"resume-{resume_processes}"
         resumed = run_worker("teacher", record, *common, "--out-dir", out_dir, "--resume",
-                             processes=resume_processes, env=tiny)
+                             processes=resume_processes, env=TINY_MODEL)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert pd.read_csv(out_dir / "teacher" / "history.csv")["epoch"].tolist() == [1, 2, 3]
         assert max_difference(weights(record), uninterrupted) < ROUNDING
