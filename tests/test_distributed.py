@@ -190,11 +190,16 @@ def test_every_process_stops_early_at_the_same_epoch(tiny_data, tmp_path):
     assert "early stop" in result.stdout
 
 
-def test_sync_bn_is_refused_on_the_cpu_in_one_line(tiny_data, tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--sync-bn"], "error: --sync-bn: PyTorch's SyncBatchNorm runs on CUDA only"),
+    (["--device", "cuda:1"], "error: --device cuda:1: under torchrun each process takes the "
+                             "GPU of its LOCAL_RANK")])
+def test_settings_torchrun_cannot_honour_are_refused_in_one_line(tiny_data, tmp_path, flags,
+                                                                 message):
     result = run_worker("teacher", tmp_path / "record", "--data-dir", tiny_data, "--out-dir",
-                        tmp_path / "run", *TINY_TRAIN_ARGS, "--sync-bn", timeout=120)
+                        tmp_path / "run", *TINY_TRAIN_ARGS, *flags, timeout=120)
     assert result.returncode != 0
-    assert "error: --sync-bn: PyTorch's SyncBatchNorm runs on CUDA only" in result.stderr
+    assert message in result.stderr
     assert not (tmp_path / "run" / "teacher").exists()
 
 
