@@ -54,6 +54,15 @@ def current() -> Context:
     return _context
 
 
+def launcher(processes: int) -> list[str]:
+    """The command that starts a script with ``processes`` processes on this node:
+    torchrun (``python -m torch.distributed.run``) for more than one, else plain Python."""
+    if processes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={processes}"]
+    return [sys.executable]
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from .cli import ToolError, publish_table, read_json
 from .data import load_or_create_split
+from .distributed import launcher
 from .arguments import STAGES
 from .stats import mean_and_std
 from .trainer import run_status
@@ -71,9 +71,7 @@ def add_processes_argument(parser) -> None:
 
 
 def run_script(script: str, *args: str, processes: int = 1) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
-    result = subprocess.run([*launcher, str(ROOT / script), *args], cwd=ROOT)
+    result = subprocess.run([*launcher(processes), str(ROOT / script), *args], cwd=ROOT)
     if result.returncode != 0:
         raise ToolError(f"{script} {' '.join(args)} failed (exit {result.returncode}); fix "
                         f"that and rerun: finished seeds are kept")

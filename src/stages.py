@@ -52,7 +52,7 @@ def runtime_for(args, device: torch.device, deterministic: bool = False) -> Runt
     """Every setting in which a CUDA run differs from a CPU one is decided here or where
     the tensors live, and each runs in a CPU test unless it cannot:
         --amp (bf16 autocast), --channels-last   auto = on with CUDA; both run on the CPU
-                                                 with "on" (tests/test_accelerator.py)
+                                                 with "on" (tests/test_distributed.py)
         cuDNN benchmark / deterministic flags    set here; only cuDNN reads them
         float views                              make_view resizes floats on an
                                                  accelerator, uint8 on the CPU; the float

@@ -103,6 +103,7 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
         with torch.no_grad():
             views = runtime.prepare(mix_views(make_views(batch, view_sizes, params), mix))
         rows = distributed.share(len(labels))
+        share_views = {key: view[rows] for key, view in views.items()}
         targets = {"labels": labels[rows], "index": batch["index"][rows]}
         if mix is not None:
             targets["mix"] = mix
@@ -113,29 +114,28 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
         # DDP averages the processes' gradients; weighting each share's mean loss by its
         # size makes that average the gradient of the global batch's mean loss.
         loss_scale = world_size * len(counted) / len(labels)
-        logits, terms, loss = train_step(trainer, {key: view[rows] for key, view in
-                                                   views.items()},
-                                         targets, optimizer, runtime, loss_scale)
-        labels = counted
+        logits, terms, loss = train_step(trainer, share_views, targets, optimizer, runtime,
+                                         loss_scale)
         if scheduler is not None:
             scheduler.step()
 
         with torch.no_grad():
-            count = len(labels)
+            count = len(counted)
             seen += count
             sums["loss"] += loss.detach() * count
             for name, term in terms.items():
                 sums[f"loss_{name}"] += term.detach() * count
-            sums["ce"] += F.cross_entropy(logits.detach().float(), labels) * count
-            sums["correct"] += (logits.argmax(1) == labels).sum()
+            sums["ce"] += F.cross_entropy(logits.detach().float(), counted) * count
+            sums["correct"] += (logits.argmax(1) == counted).sum()
         if step % 20 == 0 or step == len(batches) - 1:
             # Reading the loss back synchronises the device, so only every 20 steps.
             running = sums["loss"].item() / seen
             _check_finite(running, description, step)
             progress.set_postfix(loss=f"{running:.4f}")
     names = sorted(sums)
-    totals = distributed.all_reduce_sum(torch.stack(
-        [sums[name].float() for name in names] + [torch.tensor(float(seen), device=runtime.device)]))
+    seen_images = torch.tensor(float(seen), device=runtime.device)
+    totals = distributed.all_reduce_sum(
+        torch.stack([sums[name].float() for name in names] + [seen_images]))
     totals = dict(zip([*names, "seen"], totals.tolist()))
     means = {name: totals[name] / totals["seen"] for name in names if name != "correct"}
     means["acc"] = totals["correct"] / totals["seen"]

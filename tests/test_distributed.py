@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,11 +35,9 @@ def run_worker(stage: str, record, *args, processes: int = 2, env: dict | None =
                timeout: int = 300):
     """``stage`` through tests/ddp_worker.py, under torchrun with ``processes`` > 1."""
     record.mkdir(parents=True, exist_ok=True)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
     return subprocess.run(
-        [*launcher, "-m", "tests.ddp_worker", stage, *map(str, args)], cwd=ROOT,
-        capture_output=True, text=True, timeout=timeout,
+        [*distributed.launcher(processes), "-m", "tests.ddp_worker", stage, *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         # One thread a process: two processes share the 2-core CI machine.
         env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_RECORD": str(record), **(env or {})})
 
