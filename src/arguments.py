@@ -56,10 +56,13 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
     common_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50",
-                       help=f"torchvision classifier ({', '.join(TESTED_ARCHS)} are tested; "
-                            f"any torchvision classification model name works)")
+                       help=f"torchvision classifier by name ({', '.join(TESTED_ARCHS)}, "
+                            f"vit_b_16, swin_t are tested; any works) or timm:<name> for a "
+                            f"timm model (timm:vit_small_patch16_224, "
+                            f"timm:beit_base_patch16_224, timm:convnext_tiny ...)")
     model.add_argument("--weights", default="imagenet",
-                       help="imagenet (torchvision's ImageNet weights), none (random init, "
+                       help="imagenet (the library's ImageNet weights: torchvision's, or "
+                            "timm's from the Hugging Face Hub), none (random init, "
                             "train from scratch), teacher (start from the HR teacher "
                             "<out-dir>/teacher/best.pt, which must be of the same --arch: "
                             "the teacher-initialised student, every layer but a fresh "
@@ -68,7 +71,9 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
     model.add_argument("--input-size", type=int, default=224,
                        help="network input size in pixels; images are resized to it "
                             "(an upsampled 64x64 image suits an ImageNet network far better "
-                            "than a raw one)")
+                            "than a raw one); ViT and BEiT are built for it (position "
+                            "embeddings resized by their library) and need a multiple of "
+                            "their patch size")
     train = parser.add_argument_group("training")
     train.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                        help="named preset of training (and, for the KD student, distillation) "
@@ -85,6 +90,11 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                        help="cosine: epochs of linear learning-rate warm-up")
     train.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (peak)")
     train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    train.add_argument("--layer-decay", type=float, default=None,
+                       help="layer-wise learning-rate decay: each layer's rate is --lr times "
+                            "this to the power of its distance from the head (BEiT's "
+                            "fine-tuning; 1 = off); default: 0.75 for transformers starting "
+                            "from --weights imagenet, off otherwise (CNNs, from scratch)")
     train.add_argument("--lr-factor", type=float, default=0.5,
                        help="ReduceLROnPlateau: multiply the learning rate by this when the "
                             "validation loss stalls")
@@ -235,7 +245,7 @@ FLAG_BOUNDS = {
     "dkd_warmup": (0, None, True, True), "at_weight": (0, None, True, True),
     "cwd_weight": (0, None, True, True), "cwd_tau": (0, None, False, True),
     "mgd_weight": (0, None, True, True), "mgd_mask": (0, 1, True, False),
-    "amd_weight": (0, None, True, True),
+    "amd_weight": (0, None, True, True), "layer_decay": (0, 1, False, True),
 }
 
 

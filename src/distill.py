@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import feature_point
 from .cli import ToolError
 from .losses import MGDGenerator, amd_loss, at_loss, cwd_loss, dkd_loss_from_probs, \
     kd_loss_from_probs, soft_targets
@@ -95,38 +96,27 @@ class HardLabels(nn.Module):
 
 
 class FeatureTap:
-    """Keeps the feature maps of named layers of a model, by forward hooks: ``last`` is the
-    map entering ``avgpool`` (the last convolutional stage of torchvision's ResNets,
-    MobileNets and EfficientNets); any other name is a submodule whose output is kept
-    (``layer1`` ... ``layer4`` of a ResNet, ``features.3`` of a MobileNet)."""
+    """Keeps the feature maps of named layers of a model, by forward hooks, as (batch,
+    channels, height, width) maps: ``last`` is the last map before pooling (see
+    ``backbones.feature_point``: CNNs, Swin, ViT tokens laid out on their grid); any other
+    name is a submodule whose output is kept (``layer1`` ... ``layer4`` of a ResNet,
+    ``blocks.5`` of a timm ViT, ``encoder.layers.encoder_layer_5`` of torchvision's)."""
 
     def __init__(self, model: nn.Module, name: str, layers=("last",)):
         self.features = {}
         self.layers = tuple(layers)
         for layer in self.layers:
-            if layer == "last":
-                pool = getattr(model, "avgpool", None)
-                if pool is None:
-                    raise ToolError(f"feature distillation at 'last' needs an avgpool layer, "
-                                    f"which the {name} ({type(model).__name__}) does not have; "
-                                    f"name layers with --feature-layers")
-                pool.register_forward_pre_hook(
-                    lambda module, inputs, layer=layer: self._keep(layer, inputs[0]))
-                continue
-            try:
-                module = model.get_submodule(layer)
-            except AttributeError:
-                children = ", ".join(child for child, _ in model.named_children())
-                raise ToolError(f"--feature-layers {layer}: the {name} "
-                                f"({type(model).__name__}) has no such layer (its top-level "
-                                f"layers: {children})") from None
-            module.register_forward_hook(
-                lambda module, inputs, output, layer=layer: self._keep(layer, output))
+            point = feature_point(model, layer, name)
+            if point.before:
+                point.module.register_forward_pre_hook(
+                    lambda module, inputs, layer=layer, point=point:
+                    self._keep(layer, point.to_map(inputs[0], layer)))
+            else:
+                point.module.register_forward_hook(
+                    lambda module, inputs, output, layer=layer, point=point:
+                    self._keep(layer, point.to_map(output, layer)))
 
-    def _keep(self, layer: str, features) -> None:
-        if not isinstance(features, torch.Tensor) or features.dim() != 4:
-            raise ToolError(f"--feature-layers {layer}: its output is not a (batch, channels, "
-                            f"height, width) map")
+    def _keep(self, layer: str, features: torch.Tensor) -> None:
         self.features[layer] = features
 
     def take(self) -> list[torch.Tensor]:
@@ -204,8 +194,10 @@ class Distiller(HardLabels):
                 print(f"warning: the student's {layer} feature map is 1x1 at {probe_size}px "
                       f"input; {', '.join(self.feature_parts)} compare maps over locations "
                       f"and will carry little or nothing there")
-        for teacher, tap in zip(self.teachers, self.teacher_taps):
-            teacher(probe)
+        for teacher, tap, size in zip(self.teachers, self.teacher_taps,
+                                      self.teacher_input_sizes):
+            # At the teacher's own size: a ViT refuses any other.
+            teacher(torch.zeros(1, 3, size or probe_size, size or probe_size))
             for student_map, teacher_map in zip(student_maps, tap.take()):
                 student_channels, teacher_channels = student_map.shape[1], teacher_map.shape[1]
                 if any(part in NEEDS_PROJECTION for part in self.feature_parts) \

@@ -1,55 +1,39 @@
-"""torchvision classifiers by name, their weights, checkpoints and the frozen teacher."""
+"""Classifiers by name (``backbones``), their starting weights, checkpoints and the frozen
+teacher."""
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
+from . import backbones
+from .backbones import classifier_head
 from .cli import ToolError, save_torch
 
-# Architectures we test; any other torchvision classification model name also works.
+# Architectures we test (tests/test_models.py, tests/test_backbones.py); any other
+# torchvision classification model name, or timm:<name>, also works.
 TESTED_ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "efficientnet_b0")
+TESTED_TRANSFORMERS = ("vit_b_16", "swin_t", "timm:vit_tiny_patch16_224",
+                       "timm:beit_base_patch16_224", "timm:convnext_atto")
 
 
-def available_archs() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+def build_model(arch: str, num_classes: int, weights: str = "none",
+                input_size: int | None = None) -> nn.Module:
+    """A torchvision or timm (``timm:<name>``) classifier with a ``num_classes`` head.
 
-
-def build_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
-    """A torchvision classifier with its head replaced for ``num_classes``.
-
-    ``weights``: ``imagenet`` (torchvision's default weights), ``none`` (random
+    ``weights``: ``imagenet`` (the library's pretrained weights), ``none`` (random
     initialisation) or the path of a state dict / checkpoint to start from.
+    ``input_size``: transformers built for a fixed size (ViT, BEiT) are built for it.
     """
-    if arch not in available_archs():
-        raise ToolError(f"unknown --arch {arch!r} (try one of: {', '.join(TESTED_ARCHS)}; "
-                        f"any torchvision classification model name works)")
-    model = torchvision.models.get_model(arch, weights=None)
-    if weights == "imagenet":
-        model.load_state_dict(_imagenet_state_dict(arch))
-    elif weights != "none":
+    model = backbones.create(arch, num_classes, weights == "imagenet", input_size)
+    if weights not in ("imagenet", "none"):
         _load_partial(model, _read_state_dict(Path(weights)), Path(weights), arch)
-    _replace_head(model, num_classes)
+        # A fresh head whatever the file held: the measured teacher-initialised runs.
+        backbones.replace_head(model, num_classes)
     return model
-
-
-def _imagenet_state_dict(arch: str) -> dict:
-    """torchvision's ImageNet weights, from the torch hub cache or downloaded as usual."""
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    file_name = os.path.basename(weights.url)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as error:  # urllib, SSL, hash or disk errors all mean the same to us
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ToolError(f"ImageNet weights for {arch} unavailable: {file_name} is not in "
-                        f"{cached.parent} and could not be downloaded ({reason}); put the file "
-                        f"there, or pass --weights none to train from scratch") from None
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -76,14 +60,6 @@ def _load_partial(model: nn.Module, state: dict, path: Path, arch: str) -> None:
     model.load_state_dict(fitting, strict=False)
 
 
-def classifier_head(model: nn.Module) -> nn.Linear:
-    """The last ``nn.Linear`` of a torchvision classifier: its head."""
-    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise ToolError(f"{type(model).__name__} has no linear classification head")
-    return linears[-1]
-
-
 @contextmanager
 def capture_penultimate(model: nn.Module):
     """Collect the head's inputs (penultimate features) during forwards, by a hook, so no
@@ -95,14 +71,6 @@ def capture_penultimate(model: nn.Module):
         yield captured
     finally:
         handle.remove()
-
-
-def _replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the last ``nn.Linear`` (``fc``, ``classifier[-1]``, ``heads.head``...)."""
-    last = classifier_head(model)
-    name = next(module_name for module_name, module in model.named_modules() if module is last)
-    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-    setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
 
 
 # --- checkpoints -----------------------------------------------------------------------
@@ -136,7 +104,8 @@ def load_checkpoint(path: Path, classes: list[str] | None = None,
                   else "class lists differ")
         raise ToolError(f"{what} {path} was trained on another class list than the split "
                         f"({detail})")
-    model = build_model(checkpoint["arch"], len(checkpoint["classes"]), weights="none")
+    model = build_model(checkpoint["arch"], len(checkpoint["classes"]), weights="none",
+                        input_size=checkpoint.get("input_size"))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

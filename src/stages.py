@@ -22,6 +22,7 @@ from .arguments import STAGES, check_arguments, figures_dir, jsonable, parse_tra
 from . import distributed
 from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, save_torch, \
     write_csv, write_json
+from .backbones import is_transformer, library_of, library_version
 from .data import ImageSet, load_or_create_split
 from .distill import Distiller, HardLabels, LossWeights, parse_method
 from .models import build_model, load_checkpoint
@@ -172,7 +173,11 @@ def train_main(stage: str, argv=None) -> int:
             teachers.append(teacher)
             teacher_metas.append(meta)
         view_sizes["hr"] = int(teacher_metas[0]["input_size"])
-    model = build_model(args.arch, len(split.classes), args.weights)
+    model = build_model(args.arch, len(split.classes), args.weights, args.input_size)
+    if args.layer_decay is None:
+        # BEiT-style fine-tuning for pretrained transformers; a CNN or a model trained from
+        # scratch learns every layer at the full rate.
+        args.layer_decay = 0.75 if args.weights == "imagenet" and is_transformer(model) else 1.0
     cache_dir = cache_dir_for(args)
     teacher_logits = None
     # Rank 0 decodes the images (and computes the cached teacher logits) into the cache;
@@ -228,13 +233,16 @@ def train_main(stage: str, argv=None) -> int:
         record["resumed"] = config.get("resumed", []) + [record.pop("command")]
         record["command"] = config.get("command")
     record["processes"] = context.world_size
+    record["layer_decay"] = args.layer_decay
+    record["versions"][library_of(args.arch)] = library_version(args.arch)
     if context.is_main:
         write_json(stage_dir / "config.json", record)
 
     print(f"{STAGES[stage]['title']}: {args.arch} ({args.weights} weights) on "
           f"{resolution.upper()} {images.image_size(resolution)}px -> {args.input_size}px, "
           f"{len(split.indices('train'))} train / {len(split.indices('val'))} val images, "
-          f"{_device_name(device)}"
+          + (f"layer-wise lr decay {args.layer_decay:g}, " if args.layer_decay != 1 else "")
+          + f"{_device_name(device)}"
           + (f", {context.world_size} processes (torchrun), global batch {args.batch_size}"
              if context.enabled else ""))
     cfg = FitConfig(
@@ -244,8 +252,9 @@ def train_main(stage: str, argv=None) -> int:
         crop_scale=args.crop_scale, seed=args.seed, amp=runtime.amp,
         channels_last=runtime.channels_last, view_sizes=view_sizes, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, mixup=args.mixup, cutmix=args.cutmix,
-        sync_bn=args.sync_bn)
-    meta = {"stage": stage, "arch": args.arch, "classes": split.classes,
+        sync_bn=args.sync_bn, layer_decay=args.layer_decay)
+    meta = {"stage": stage, "arch": args.arch, "library": library_of(args.arch),
+            "library_version": library_version(args.arch), "classes": split.classes,
             "resolution": resolution, "input_size": args.input_size,
             "image_size": images.image_size(resolution), "seed": args.seed,
             "split_fingerprint": split.fingerprint}
@@ -337,7 +346,8 @@ def test_stage(stage: str, split, args, ckpt: Path | None = None,
                "image_size": meta.get("image_size"), "input_size": meta["input_size"],
                "best_epoch": meta.get("epoch"), "split_fingerprint": split.fingerprint}
     write_json(stage_dir / "test_metrics.json", metrics)
-    print(f"{STAGES[stage]['title']}: test accuracy {100 * metrics['accuracy']:.2f}%  "
+    print(f"{STAGES[stage]['title']} ({meta['arch']}): test accuracy "
+          f"{100 * metrics['accuracy']:.2f}%  "
           f"macro-F1 {100 * metrics['macro_f1']:.2f}%  (n={metrics['n']}) "
           f"-> {stage_dir / 'test_metrics.json'}")
     return {**metrics, "logits": result["logits"], "labels": result["labels"],

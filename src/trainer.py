@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .backbones import layer_scales
 from .cli import ToolError, progress_bar, save_torch, write_csv, write_json
 from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
     sample_view_params, view_grid
@@ -60,6 +61,7 @@ class FitConfig:
     mixup: float = 0.0            # Beta concentration; 0 = off
     cutmix: float = 0.0           # Beta concentration; 0 = off
     sync_bn: bool = False         # under torchrun on CUDA: SyncBatchNorm in the student
+    layer_decay: float = 1.0      # layer-wise learning-rate decay of the student; 1 = off
 
 
 @dataclass
@@ -212,8 +214,8 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
         raise ToolError(f"{len(val_idx)} validation images cannot be shared among "
                         f"{context.world_size} processes; use fewer processes")
     trainer = distributed.wrap_for_training(objective, runtime.device, cfg.sync_bn)
-    trainable = [parameter for parameter in objective.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(objective, cfg.lr, cfg.layer_decay),
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay)
     # A share of one image would break BatchNorm; dropping a last batch too short to give
     # every process two images avoids that.
     drop_last = 0 < len(train_idx) % cfg.batch_size < 2 * context.world_size
@@ -239,7 +241,7 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
         generator = epoch_generator(cfg.seed, epoch)
         objective.start_epoch(epoch)
         batches = batch_indices(train_idx, cfg.batch_size, generator, drop_last=drop_last)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = max(group["lr"] for group in optimizer.param_groups)
         train = train_one_epoch(objective, images, batches, cfg.view_sizes, cfg, generator,
                                 optimizer, runtime, f"epoch {epoch}/{cfg.epochs} train",
                                 scheduler if cfg.schedule == "cosine" else None, trainer)
@@ -294,6 +296,22 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
     if context.is_main:
         write_json(stage_dir / "train_summary.json", summary)
     return summary
+
+
+def parameter_groups(objective, lr: float, layer_decay: float) -> list[dict]:
+    """The trainable parameters; with ``layer_decay`` < 1, one group per learning-rate
+    scale of the student's layers (``backbones.layer_scales``), the alignment layers of a
+    distiller at the full rate. Both schedules scale every group's rate alike."""
+    trainable = [(name, parameter) for name, parameter in objective.named_parameters()
+                 if parameter.requires_grad]
+    if layer_decay == 1.0:
+        return [{"params": [parameter for _, parameter in trainable]}]
+    scales = {f"student.{name}": scale
+              for name, scale in layer_scales(objective.student, layer_decay).items()}
+    groups: dict[float, list] = defaultdict(list)
+    for name, parameter in trainable:
+        groups[scales.get(name, 1.0)].append(parameter)
+    return [{"params": params, "lr": lr * scale} for scale, params in sorted(groups.items())]
 
 
 def make_scheduler(optimizer, cfg: FitConfig, steps_per_epoch: int):

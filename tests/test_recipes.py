@@ -163,7 +163,7 @@ def test_feature_taps_read_every_named_layer():
     assert shapes == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4), (2, 512, 2, 2)]
     with pytest.raises(ToolError, match="has no such layer.*layer1"):
         FeatureTap(model, "student", ("layer9",))
-    with pytest.raises(ToolError, match="not a \\(batch, channels"):
+    with pytest.raises(ToolError, match="neither a \\(batch, channels"):
         FeatureTap(model, "student", ("fc",))
         model(torch.zeros(1, 3, 64, 64))
 
