@@ -157,10 +157,10 @@ def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, settings: Benc
     classes = len(split.classes)
 
     torch.manual_seed(0)
-    model = build_model(settings.arch, classes)
+    model = build_model(settings.arch, classes, input_size=settings.input_size)
     if stage == "kd_student":
-        objective = Distiller(model, [FrozenTeacher(build_model(settings.arch, classes))], "kd",
-                              LossWeights())
+        teacher = build_model(settings.arch, classes, input_size=settings.input_size)
+        objective = Distiller(model, [FrozenTeacher(teacher)], "kd", LossWeights())
     else:
         objective = HardLabels(model, resolutions[0])
     objective.to(device).train()

@@ -227,3 +227,10 @@ def test_vit_teacher_distils_into_resnet18_end_to_end(tiny_data, tmp_path):
             assert "timm:vit_tiny_patch16_224" in result.stdout
     meta = torch.load(tmp_path / "run" / "teacher" / "best.pt", weights_only=True)
     assert (meta["arch"], meta["library"]) == ("timm:vit_tiny_patch16_224", "timm")
+    # A ViT student too: its checkpoint through predict.py and evaluate_all.py.
+    for script, *args in [("train_student.py", *vit, "--overwrite"),
+                          ("predict.py", "--stage", "student"),
+                          ("evaluate_all.py", "--no-tsne")]:
+        result = run_script(script, *common, *args)
+        assert result.returncode == 0, (script, result.stderr)
+    assert "LR baseline student (timm:vit_tiny_patch16_224)" in result.stdout
