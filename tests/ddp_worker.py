@@ -47,7 +47,8 @@ for module in (stages, trainer, models, data):
             setattr(module, name, recording(getattr(module, name)))
 
 
-def tiny_model(arch: str, num_classes: int, weights: str = "none") -> nn.Module:
+def tiny_model(arch: str, num_classes: int, weights: str = "none",
+               input_size: int | None = None) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(16, num_classes))
