@@ -35,7 +35,7 @@ from .trainer import FitConfig, Runtime, evaluate, fit, run_status
 COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", "lr",
                        "weight_decay", "patience", "lr_patience", "lr_factor", "min_lr",
                        "monitor", "seed", "hflip", "crop_scale", "schedule", "warmup_epochs",
-                       "mixup", "cutmix")
+                       "mixup", "cutmix", "layer_decay")
 # Arguments that may differ between a run and its --resume.
 RESUME_FREE = {"resume", "overwrite", "device", "compile", "cache_dir", "no_cache", "sync_bn"}
 
