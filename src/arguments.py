@@ -152,7 +152,7 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
         kd = parser.add_argument_group(
             "distillation", "Loss = alpha*CE + the terms --method names. Logit methods: kd "
             "(Hinton 2015), dkd (decoupled KD, Zhao 2022). Feature methods, on the last "
-            "convolutional feature maps (teacher maps pooled to the student's size; a learned "
+            "feature maps (teacher maps pooled to the student's size; a learned "
             "1x1 projection where channels differ): at (attention transfer, Zagoruyko 2017), "
             "cwd (channel-wise, Shu 2021), mgd (masked generative, Yang 2022), amd (angular "
             "margin, Jeon 2023; global and local maps 8:2). Defaults are the papers'.")
@@ -167,10 +167,11 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                         help="one weight per teacher for the average (default: equal)")
         kd.add_argument("--feature-layers", default="last",
                         help="feature methods: comma-separated layers whose maps are compared, "
-                             "summed over layers: last (the map entering avgpool) or module "
-                             "names present in student and teacher (layer1,layer2,layer3,"
-                             "layer4 for ResNets); teacher maps are pooled to the student's "
-                             "size")
+                             "summed over layers: last (the last map before pooling: the input "
+                             "of avgpool in CNNs and Swin, ViT patch tokens on their grid) or "
+                             "module names present in student and teacher (layer1,layer2,"
+                             "layer3,layer4 for ResNets; blocks.N for timm ViTs); teacher maps "
+                             "are pooled to the student's size")
         kd.add_argument("--temperature", type=float, default=4.0,
                         help="softmax temperature T of the soft targets (kd, dkd)")
         kd.add_argument("--alpha", type=float, default=None,

@@ -65,17 +65,15 @@ def create(arch: str, num_classes: int, imagenet: bool, input_size: int | None) 
 
 def _create_timm(name: str, num_classes: int, imagenet: bool, input_size: int | None):
     timm = _timm()
-    kwargs = {"num_classes": num_classes}
-    if input_size and timm.get_pretrained_cfg(name) is not None \
-            and timm.get_pretrained_cfg(name).fixed_input_size:
-        kwargs["img_size"] = input_size
-    if not imagenet:
-        return _check_patches(timm.create_model(name, pretrained=False, **kwargs),
-                              f"{TIMM_PREFIX}{name}", input_size)
     cfg = timm.get_pretrained_cfg(name)
+    kwargs = {"num_classes": num_classes}
+    if input_size and cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = input_size
     try:
-        model = timm.create_model(name, pretrained=True, **kwargs)
+        model = timm.create_model(name, pretrained=imagenet, **kwargs)
     except Exception as error:  # hub, network, disk or format errors all mean the same here
+        if not imagenet:
+            raise
         from huggingface_hub import constants
         if cfg is not None and cfg.hf_hub_id:
             what, where = f"{cfg.hf_hub_id} (Hugging Face Hub)", constants.HF_HUB_CACHE
@@ -92,25 +90,21 @@ def _create_torchvision(arch: str, num_classes: int, imagenet: bool,
                         input_size: int | None) -> nn.Module:
     kwargs = {}
     if arch.startswith("vit_") and input_size:
+        # Checked before building: torchvision asserts it inside the constructor.
         patch = int(re.search(r"_(\d+)$", arch).group(1))
         _check_patch_multiple(arch, input_size, patch)
         kwargs["image_size"] = input_size
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
     if imagenet:
         state = _torchvision_imagenet_state(arch)
-        if "image_size" in kwargs and kwargs["image_size"] != model_image_size(state):
-            # torchvision's own resizing of the position embeddings (bicubic).
+        if "image_size" in kwargs:
+            # torchvision's own resizing of the position embeddings (bicubic); a no-op
+            # at the size the weights were made for.
             state = torchvision.models.vision_transformer.interpolate_embeddings(
                 input_size, model.patch_size, state)
         model.load_state_dict(state)
     replace_head(model, num_classes)
     return model
-
-
-def model_image_size(vit_state: dict) -> int:
-    """The input side a torchvision ViT state dict was trained at (from its 16 px grid)."""
-    tokens = vit_state["encoder.pos_embedding"].shape[1] - 1
-    return math.isqrt(tokens) * int(vit_state["conv_proj.weight"].shape[-1])
 
 
 def _torchvision_imagenet_state(arch: str) -> dict:
@@ -207,7 +201,7 @@ def feature_point(model: nn.Module, layer: str, name: str) -> FeaturePoint:
                             f"has no such layer (its top-level layers: {children})") from None
         return FeaturePoint(module, False, prefix, channels_last, f"output of {layer}")
     if isinstance(model, torchvision.models.VisionTransformer):
-        return FeaturePoint(model.encoder, False, 1, False, "encoder output tokens")
+        return FeaturePoint(model.encoder, False, prefix, False, "encoder output tokens")
     feature_info = getattr(model, "feature_info", None)
     if isinstance(feature_info, list) and feature_info and "module" in feature_info[-1]:
         module_name = feature_info[-1]["module"]
