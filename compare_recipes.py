@@ -1,6 +1,6 @@
 """Compare distillation recipes, each against its own baseline, over several seeds on one
-split and one teacher: mean ± std, paired 95% intervals of KD - baseline, share of the
-teacher-baseline gap closed, per-seed figures and wall-clock.
+split and one teacher (or several, averaged): mean ± std, paired 95% intervals of KD -
+baseline, share of the teacher-baseline gap closed, per-seed figures and wall-clock.
 
 A recipe is a preset (reference, consistent) or NAME=FLAGS for train_kd_student.py; its
 baseline student trains with the same flags less the distillation ones. Flags after --
@@ -10,6 +10,8 @@ split: give it --split-per-class N for a balanced subset of large data).
 
     python compare_recipes.py --recipes reference consistent --seeds 0 1 2 -- --epochs 30
     python compare_recipes.py --recipes reference 'dkd=--method dkd' 'at=--method kd+at'
+    python compare_recipes.py --recipes consistent --teacher-ckpt runs/teacher/best.pt \
+        runs_seed1/teacher/best.pt runs_seed2/teacher/best.pt -- --epochs 30
 """
 import argparse
 import sys
@@ -24,7 +26,7 @@ from src.recipes import RECIPES
 def main() -> int:
     argv, common = split_passthrough(
         sys.argv[1:], {"--seed", "--out-dir", "--data-dir", "--resume", "--overwrite",
-                       "--teacher-ckpt", "--split-per-class"}, "compare_recipes.py")
+                       "--teacher-ckpt", "--teacher-weights", "--split-per-class"}, "compare_recipes.py")
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         usage="%(prog)s [options] [-- options for every train script]",
@@ -44,6 +46,13 @@ def main() -> int:
                         help="also compare every KD student with this recipe's baseline "
                              "(default: the first of --recipes), e.g. a plain baseline against "
                              "teacher-initialised recipes")
+    parser.add_argument("--teacher-ckpt", type=Path, nargs="+", default=None, metavar="CKPT",
+                        help="the HR teacher(s) every KD student learns from (None: "
+                             "<out-dir>/teacher/best.pt); with several, soft targets and the "
+                             "teacher's score (the gap's top) are their averaged probabilities; "
+                             "--weights teacher starts from the first")
+    parser.add_argument("--teacher-weights", type=float, nargs="+", default=None, metavar="W",
+                        help="one weight per --teacher-ckpt for the average (None: equal)")
     parser.add_argument("--resamples", type=int, default=10_000,
                         help="bootstrap resamples of the test images for the paired interval")
     add_processes_argument(parser)
@@ -52,7 +61,8 @@ def main() -> int:
     if len(set(args.seeds)) != len(args.seeds):
         raise ToolError("--seeds has duplicates")
     compare_recipes(args.data_dir, args.out_dir, args.recipes, args.seeds, common,
-                    args.resamples, args.versus, args.nproc_per_node)
+                    args.resamples, args.versus, args.nproc_per_node, args.teacher_ckpt,
+                    args.teacher_weights)
     return 0
 
 

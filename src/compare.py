@@ -1,5 +1,5 @@
 """``compare_recipes.py``: recipes against their own baselines, over several seeds, on one
-split and one teacher; mean ± std, the paired 95% intervals of KD - baseline and the share
+split and one teacher (or one set of teachers); mean ± std, the paired 95% intervals of KD - baseline and the share
 of the teacher-baseline gap closed.
 
 A recipe is a preset name (``consistent``, see ``recipes.py``) or ``NAME=FLAGS``
@@ -24,9 +24,10 @@ from scipy import stats as scipy_stats
 from .cli import ToolError, pick_device, publish_table, read_json, write_csv
 from .metrics import classification_metrics
 from .plots import plot_curves
-from .predict import predict_test_set, read_holdout_labels, score_teacher_holdout
+from .distill import normalised_teacher_weights
+from .predict import predict_test_set, read_holdout_labels, score_teachers
 from .recipes import RECIPES
-from .seeds import run_script, run_stage_in
+from .seeds import run_stage_in
 from .arguments import check_arguments, jsonable, parse_train_arguments, train_parser
 from .stages import load_saved_split
 from .stats import gap_closed, mean_and_std
@@ -72,24 +73,32 @@ def baseline_flags(flags: list[str]) -> list[str]:
 
 
 def _with_teacher(flags: list[str], teacher: Path) -> list[str]:
-    """``--weights teacher`` names the shared teacher's file: the runs live elsewhere."""
+    """``--weights teacher`` names the (first) teacher's file: the runs live elsewhere."""
     return [str(teacher) if token == "teacher" and index and flags[index - 1] == "--weights"
             else token for index, token in enumerate(flags)]
 
 
 def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list[int],
                     common: list[str], resamples: int = 10_000,
-                    versus: str | None = None, processes: int = 1) -> dict:
+                    versus: str | None = None, processes: int = 1,
+                    teachers: list[Path] | None = None,
+                    teacher_weights: list[float] | None = None) -> dict:
     """Train what is missing, then compare every recipe's KD student with its own baseline
-    and with the baseline of recipe ``versus`` (default: the first)."""
+    and with the baseline of recipe ``versus`` (default: the first). ``teachers`` (default
+    <out-dir>/teacher/best.pt) teach every KD student, their probabilities averaged with
+    ``teacher_weights``; the teacher-baseline gap is that average's."""
     out_dir = Path(out_dir)
     recipes = dict(parse_recipe(spec) for spec in specs)
     if len(recipes) != len(specs):
         raise ToolError("--recipes: each name once")
-    teacher = out_dir / "teacher" / "best.pt"
-    if not teacher.exists():
-        raise ToolError(f"compare_recipes needs the teacher every recipe learns from: "
-                        f"{teacher} not found (train_teacher.py --out-dir {out_dir} first)")
+    teachers = [Path(ckpt) for ckpt in teachers or [out_dir / "teacher" / "best.pt"]]
+    for ckpt in teachers:
+        if not ckpt.exists():
+            raise ToolError(f"compare_recipes needs the teacher every recipe learns from: "
+                            f"{ckpt} not found (train_teacher.py --out-dir {out_dir} first)")
+    normalised_teacher_weights(teacher_weights, len(teachers))      # checked before work
+    teacher_flags = ["--teacher-ckpt", *map(str, teachers)] + (
+        ["--teacher-weights", *map(str, teacher_weights)] if teacher_weights else [])
     versus = versus or next(iter(recipes))
     if versus not in recipes:
         raise ToolError(f"--versus {versus!r} is not one of --recipes")
@@ -102,21 +111,21 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
                 raise ToolError(f"recipe {name}: {' '.join(stage_flags)} is not valid for "
                                 f"train_{stage}.py (its error is above)") from None
     split = load_saved_split(data_dir, out_dir)
-    if not (out_dir / "teacher" / "test_metrics.json").exists():
-        run_script("test_teacher.py", "--data-dir", str(data_dir), "--out-dir", str(out_dir),
-                   "--assets-dir", str(out_dir / "assets"))
-    teacher_metrics = read_json(out_dir / "teacher" / "test_metrics.json")
-
+    runtime = Runtime(pick_device("auto"), amp=False, channels_last=False)
+    test_rows = split.rows("test")
+    teacher_metrics = score_teachers(teachers, teacher_weights, split.classes, data_dir,
+                                     test_rows["upscale_img_path"].tolist(), test_rows["label"],
+                                     out_dir / "cache", "HR", 256, runtime)
     holdout = read_holdout_labels(data_dir)
     teacher_holdout = None
-    if holdout is not None:
-        teacher_holdout = score_teacher_holdout(
-            data_dir, teacher, out_dir / "cache", 256,
-            Runtime(pick_device("auto"), amp=False, channels_last=False), holdout)
+    if holdout is not None and "upscale_img_path" in holdout.columns:
+        teacher_holdout = score_teachers(teachers, teacher_weights, split.classes, data_dir,
+                                         holdout["upscale_img_path"].tolist(), holdout["label"],
+                                         out_dir / "cache", "TEST-HR", 256, runtime)
     baselines: dict[str, str] = {}      # baseline settings -> recipe folder that trains it
     folders = {}                        # recipe -> (its baseline's folder, its own folder)
     for name, flags in recipes.items():
-        flags = _with_teacher([*common, *flags], teacher)
+        flags = _with_teacher([*common, *flags], teachers[0])
         recipes[name] = flags
         student_flags = baseline_flags(flags)
         settings = jsonable(parse_train_arguments("student", student_flags))
@@ -128,7 +137,7 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
                          [*student_flags, *seed_flags], f"{owner}: baseline, seed {seed}",
                          processes)
             run_stage_in(folders[name][1] / f"seed{seed}", "kd_student", out_dir, data_dir,
-                         [*flags, *seed_flags, "--teacher-ckpt", str(teacher)],
+                         [*flags, *seed_flags, *teacher_flags],
                          f"{name}: KD student, seed {seed}", processes)
     results = {}
     for name, (baseline_folder, kd_folder) in folders.items():
@@ -159,6 +168,8 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
         row["curves"] = str(plot_recipe_curves(name, baseline_folder, kd_folder, seeds))
         rows.append(row)
     summary = {"teacher": {key: teacher_metrics[key] for key in ("accuracy", "macro_f1", "n")},
+               "teacher_checkpoints": [str(ckpt) for ckpt in teachers],
+               "teacher_weights": normalised_teacher_weights(teacher_weights, len(teachers)),
                "teacher_holdout": None if teacher_holdout is None else
                {key: teacher_holdout[key] for key in ("accuracy", "macro_f1", "n")},
                "seeds": seeds, "resamples": resamples, "common_flags": common,
@@ -312,8 +323,12 @@ def recipes_table(summary: dict) -> str:
             + f", {s['baseline_seconds']:.0f} s + {s['kd_seconds']:.0f} s"
             for s in row["per_seed"]))
     lines.append("")
+    checkpoints = summary.get("teacher_checkpoints", [])
+    who = "Teacher" if len(checkpoints) <= 1 else (
+        f"Teachers ({', '.join(checkpoints)}; probabilities averaged with weights "
+        f"{', '.join(f'{weight:.2f}' for weight in summary['teacher_weights'])})")
     lines.append(
-        f"Teacher: {100 * teacher['accuracy']:.2f}% accuracy, {100 * teacher['macro_f1']:.2f}% "
+        f"{who}: {100 * teacher['accuracy']:.2f}% accuracy, {100 * teacher['macro_f1']:.2f}% "
         f"macro-F1 on the split's n = {teacher['n']} test images. {len(seeds)} seeds "
         f"({', '.join(map(str, seeds))}), one split; mean ± sample std over seeds, in %; "
         f"differences in points. 'own': the recipe's baseline (same flags less the "

@@ -156,8 +156,8 @@ class Distiller(HardLabels):
             teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
             for teacher in teachers)
         self.teacher_input_sizes = teacher_input_sizes or [None] * len(self.teachers)
-        self.teacher_weights = _normalised(weights.teacher_weights, len(self.teachers)
-                                           or 1)
+        self.teacher_weights = normalised_teacher_weights(weights.teacher_weights,
+                                                          len(self.teachers) or 1)
         self.epoch_factor = 1.0
         if cached_teacher_logits is not None:
             if self.feature_parts:
@@ -274,7 +274,8 @@ class Distiller(HardLabels):
         return self.generators[pair](aligned, teacher_features)
 
 
-def _normalised(weights, count: int) -> list[float]:
+def normalised_teacher_weights(weights, count: int) -> list[float]:
+    """``--teacher-weights`` (default: equal) scaled to sum to 1."""
     weights = list(weights) if weights else [1.0] * count
     if len(weights) != count:
         raise ToolError(f"--teacher-weights gives {len(weights)} weight(s) for {count} "

@@ -115,6 +115,16 @@ def load_checkpoint(path: Path, classes: list[str] | None = None,
     return model, {key: value for key, value in checkpoint.items() if key != "model"}
 
 
+def load_teacher(ckpt: Path, classes: list[str]) -> tuple[nn.Module, dict]:
+    """An HR teacher's checkpoint, trained on ``classes``: what a KD student learns from."""
+    model, meta = load_checkpoint(ckpt, classes=classes, what="teacher checkpoint")
+    if meta.get("resolution") != "hr":
+        raise ToolError(f"teacher checkpoint {ckpt} was trained on "
+                        f"{str(meta.get('resolution')).upper()} images; the KD "
+                        f"teacher must be an HR model (train_teacher.py)")
+    return model, meta
+
+
 class FrozenTeacher(nn.Module):
     """A teacher that cannot learn: no gradients, always in eval mode (``train()`` is a
     no-op), forward under ``no_grad``. Wrapping it here keeps BatchNorm statistics and

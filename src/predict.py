@@ -11,7 +11,8 @@ import torch
 from .cli import ToolError, progress_bar
 from .data import load_images, make_view, read_table, read_test_table
 from .metrics import classification_metrics
-from .models import load_checkpoint
+from .distill import normalised_teacher_weights
+from .models import load_checkpoint, load_teacher
 
 
 def predict_test_set(data_dir: Path, ckpt: Path, cache_dir: Path | None, batch_size: int,
@@ -30,18 +31,29 @@ def predict_test_set(data_dir: Path, ckpt: Path, cache_dir: Path | None, batch_s
     return pd.DataFrame({"ID": table["ID"], "label": labels})
 
 
-@torch.no_grad()
 def predict_images(model, meta: dict, ckpt: Path, data_dir: Path, relative_paths: list[str],
                    cache_dir: Path | None, description: str, batch_size: int, runtime,
                    tta: bool) -> list[str]:
     """Label names a checkpoint's model predicts for images (whole images, resized)."""
+    probabilities = predict_probabilities(model, meta, ckpt, data_dir, relative_paths,
+                                          cache_dir, description, batch_size, runtime, tta)
+    classes = meta["classes"]
+    return [classes[index] for index in probabilities.argmax(1).tolist()]
+
+
+@torch.no_grad()
+def predict_probabilities(model, meta: dict, ckpt: Path, data_dir: Path,
+                          relative_paths: list[str], cache_dir: Path | None, description: str,
+                          batch_size: int, runtime, tta: bool) -> torch.Tensor:
+    """Class probabilities (N, classes) of a checkpoint's model on whole images, resized to
+    its input size; with ``tta`` averaged with those of the mirror images."""
     pixels = load_images(data_dir, relative_paths, cache_dir, description)
     if meta.get("image_size") and pixels.shape[1] != meta["image_size"]:
         raise ToolError(f"{description.lower()} images are {pixels.shape[2]}x{pixels.shape[1]} "
                         f"but {ckpt} was trained on {meta['image_size']}px images")
     model.to(runtime.device).eval()
     size = int(meta["input_size"])
-    predictions = []
+    chunks = []
     for start in progress_bar(range(0, len(pixels), batch_size), desc="predicting",
                               unit="batch", leave=False):
         batch = torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch_size]))
@@ -52,9 +64,23 @@ def predict_images(model, meta: dict, ckpt: Path, data_dir: Path, relative_paths
             with runtime.autocast():
                 logits = model(runtime.prepare({"x": make_view(view, size, None)})["x"])
             probabilities = probabilities + logits.float().softmax(1)
-        predictions.append(probabilities.argmax(1).cpu())
-    classes = meta["classes"]
-    return [classes[index] for index in torch.cat(predictions).tolist()]
+        chunks.append(probabilities.cpu() / len(views))
+    return torch.cat(chunks)
+
+
+def score_teachers(ckpts: list[Path], weights: list[float] | None, classes: list[str],
+                   data_dir: Path, hr_paths: list[str], labels, cache_dir: Path | None,
+                   description: str, batch_size: int, runtime) -> dict:
+    """Accuracy and macro-F1 of the HR teachers on ``hr_paths``: with several, of their
+    probabilities averaged with ``weights``, the soft targets a KD student learns from."""
+    probabilities = 0
+    for ckpt, weight in zip(ckpts, normalised_teacher_weights(weights, len(ckpts))):
+        model, meta = load_teacher(ckpt, classes)
+        probabilities = probabilities + weight * predict_probabilities(
+            model, meta, ckpt, data_dir, hr_paths, cache_dir, description, batch_size, runtime,
+            tta=False)
+    predicted = np.asarray(classes)[probabilities.argmax(1).numpy()]
+    return classification_metrics(np.asarray(labels), predicted)
 
 
 HOLDOUT_LABELS = "test_labels.csv"
@@ -74,15 +100,3 @@ def read_holdout_labels(data_dir: Path) -> pd.DataFrame | None:
     if sorted(labels["ID"]) != sorted(table["ID"]):
         raise ToolError(f"{path} does not label exactly the IDs of test.csv")
     return table[["ID"]].merge(labels, on="ID", how="left")
-
-
-def score_teacher_holdout(data_dir: Path, ckpt: Path, cache_dir: Path | None,
-                          batch_size: int, runtime, labels: pd.DataFrame) -> dict | None:
-    """The HR teacher's accuracy and macro-F1 on the held-out images' HR twins (None when
-    ``test_labels.csv`` names none)."""
-    if "upscale_img_path" not in labels.columns:
-        return None
-    model, meta = load_checkpoint(ckpt, what="teacher checkpoint")
-    predicted = predict_images(model, meta, ckpt, data_dir, labels["upscale_img_path"].tolist(),
-                               cache_dir, "TEST-HR", batch_size, runtime, tta=False)
-    return classification_metrics(labels["label"].to_numpy(), np.asarray(predicted))

@@ -19,6 +19,7 @@ from .data import load_or_create_split
 from .distributed import launcher
 from .arguments import STAGES
 from .stats import mean_and_std
+from .stages import check_kept_run
 from .trainer import run_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +57,9 @@ def run_stage_in(folder: Path, stage: str, main_out_dir: Path, data_dir: Path,
     common = ["--data-dir", str(data_dir), "--out-dir", str(folder),
               "--cache-dir", str(Path(main_out_dir) / "cache")]
     status = run_status(folder / stage)
-    if status != "finished":
+    if status == "finished":
+        check_kept_run(folder / stage, stage, [*common, *train_args])
+    else:
         print(f"== {label}", flush=True)
         run_script(f"train_{stage}.py", *common, *train_args,
                    *(["--resume"] if status == "unfinished" else []), processes=processes)

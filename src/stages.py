@@ -9,7 +9,9 @@ Stages and what each trains on:
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_rec
 from .backbones import is_transformer, library_of, library_version
 from .data import ImageSet, load_or_create_split
 from .distill import Distiller, HardLabels, LossWeights, parse_method
-from .models import build_model, load_checkpoint
+from .models import build_model, load_checkpoint, load_teacher
 from .plots import plot_comparison, plot_curves
 from .stats import paired_bootstrap
 from .trainer import FitConfig, Runtime, evaluate, fit, run_status
@@ -94,17 +96,42 @@ def _clear_for_overwrite(stage_dir: Path, args) -> None:
     stage_dir.mkdir(parents=True, exist_ok=True)
 
 
+# Settings naming files: compared as absolute paths, so `runs/x` and `./runs/x` agree.
+PATH_SETTINGS = {"data_dir", "out_dir", "teacher_ckpt", "weights"}
+
+
+def settings_differences(saved: dict, wanted: dict) -> list[str]:
+    """The training settings (all but RESUME_FREE) in which a saved run's ``args`` differ
+    from the ones wanted now, as ``--flag saved -> wanted``."""
+    def normal(key, value):
+        if key not in PATH_SETTINGS or value is None:
+            return value
+        return [os.path.abspath(item) for item in value] if isinstance(value, list) \
+            else os.path.abspath(value)
+    return [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {value!r}"
+            for key, value in wanted.items()
+            if key not in RESUME_FREE and normal(key, saved.get(key)) != normal(key, value)]
+
+
 def _check_resume_settings(stage_dir: Path, args_dict: dict) -> dict:
     config = read_json(stage_dir / "config.json")
-    saved = config.get("args", {})
-    differences = [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {value!r}"
-                   for key, value in args_dict.items()
-                   if key not in RESUME_FREE and saved.get(key) != value]
+    differences = settings_differences(config.get("args", {}), args_dict)
     if differences:
         raise ToolError(f"--resume with other settings than the saved run "
                         f"({'; '.join(differences)}); resume with the saved settings or "
                         f"use --overwrite")
     return config
+
+
+def check_kept_run(stage_dir: Path, stage: str, argv: list[str]) -> None:
+    """A finished run that a runner (compare_recipes, run_seeds) keeps instead of training
+    again must have been trained with the settings asked for now: otherwise a comparison
+    would silently mix budgets, teachers or recipes."""
+    differences = settings_differences(read_json(stage_dir / "config.json").get("args", {}),
+                                       jsonable(resolve_train_arguments(stage, argv)))
+    if differences:
+        raise ToolError(f"{stage_dir} holds a finished run trained with other settings "
+                        f"({'; '.join(differences)}); delete it or use another --out-dir")
 
 
 def resolve_init_weights(args, out_dir: Path) -> None:
@@ -123,22 +150,28 @@ def resolve_init_weights(args, out_dir: Path) -> None:
     args.weights = str(ckpt)
 
 
-def train_main(stage: str, argv=None) -> int:
+def resolve_train_arguments(stage: str, argv) -> argparse.Namespace:
+    """A train script's settings as its run records them: parsed with the recipe's
+    defaults, checked, and the defaults that depend on other flags filled in."""
     args = parse_train_arguments(stage, argv)
     check_arguments(args)
-    resolution = STAGES[stage]["resolution"]
-    out_dir = ensure_writable_dir(args.out_dir)
-    stage_dir = out_dir / stage
     if stage == "kd_student":
-        args.teacher_ckpt = args.teacher_ckpt or [out_dir / "teacher" / "best.pt"]
-        parts = parse_method(args.method)
+        args.teacher_ckpt = args.teacher_ckpt or [Path(args.out_dir) / "teacher" / "best.pt"]
         if args.alpha is None:
-            args.alpha = 0.7 if "kd" in parts else 1.0
+            args.alpha = 0.7 if "kd" in parse_method(args.method) else 1.0
         if args.teacher_cache and (args.mixup > 0 or args.cutmix > 0):
             raise ToolError("--teacher-cache keeps the teacher's logits of whole unmixed "
                             "images; with --mixup or --cutmix the teacher must see each "
                             "mixed view (drop --teacher-cache)")
-    resolve_init_weights(args, out_dir)
+    resolve_init_weights(args, Path(args.out_dir))
+    return args
+
+
+def train_main(stage: str, argv=None) -> int:
+    args = resolve_train_arguments(stage, argv)
+    resolution = STAGES[stage]["resolution"]
+    out_dir = ensure_writable_dir(args.out_dir)
+    stage_dir = out_dir / stage
     args_dict = jsonable(args)
     if _prepare_stage_dir(stage_dir, args) == "finished":  # only reachable with --resume
         print(f"{stage_dir} holds a finished run; nothing to resume "
@@ -164,12 +197,7 @@ def train_main(stage: str, argv=None) -> int:
     if stage == "kd_student":
         # Load (and so check) the teachers before the slow image decoding.
         for ckpt in args.teacher_ckpt:
-            teacher, meta = load_checkpoint(ckpt, classes=split.classes,
-                                            what="teacher checkpoint")
-            if meta.get("resolution") != "hr":
-                raise ToolError(f"teacher checkpoint {ckpt} was trained on "
-                                f"{str(meta.get('resolution')).upper()} images; the KD "
-                                f"teacher must be an HR model (train_teacher.py)")
+            teacher, meta = load_teacher(ckpt, split.classes)
             teachers.append(teacher)
             teacher_metas.append(meta)
         view_sizes["hr"] = int(teacher_metas[0]["input_size"])

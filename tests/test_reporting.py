@@ -87,6 +87,10 @@ def test_run_seeds_reports_mean_and_std_on_one_split(tiny_data, tmp_path):
     assert "LR baseline student" in (tmp_path / "seeds" / "summary.md").read_text()
     rerun = run_script("run_seeds.py", *args)
     assert rerun.returncode == 0 and "== seed" not in rerun.stdout   # nothing retrained
+    # A kept run must match what is asked now: another budget is refused, not mixed in.
+    other_budget = run_script("run_seeds.py", *args, "--epochs", "2")
+    assert_one_line_error(other_budget, "seed0/student holds a finished run trained with other "
+                          "settings", "--epochs 1 -> 2")
     refused = run_script("run_seeds.py", *args[:-len(TINY_TRAIN_ARGS)], "--seed", "3")
     assert_one_line_error(refused, "--seed after --")
 
@@ -167,3 +171,50 @@ def test_compare_recipes_pairs_each_recipe_with_its_own_baseline(finished_run, t
     no_teacher = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir",
                             tmp_path / "empty")
     assert_one_line_error(no_teacher, "needs the teacher")
+
+
+def test_compare_recipes_learns_from_several_teachers(finished_run, tmp_path):
+    data_dir, out_dir, _, _ = finished_run
+    second = tmp_path / "second"
+    second.mkdir()
+    for name in ("split.csv", "split.json"):
+        shutil.copy(out_dir / name, second / name)
+    for script in ("train_teacher.py", "test_teacher.py"):
+        made = run_script(script, "--data-dir", data_dir, "--out-dir", second,
+                          *(TINY_TRAIN_ARGS + ["--seed", "1"] if script.startswith("train")
+                            else []))
+        assert made.returncode == 0, made.stderr
+    teachers = [out_dir / "teacher" / "best.pt", second / "teacher" / "best.pt"]
+    # A teacher given weight 0 drops out of the average: the score is then the other
+    # teacher's own, as test_teacher.py measured it by another route.
+    for weights, alone in (("1 0", out_dir), ("0 1", second)):
+        run = tmp_path / f"weights {weights}"
+        run.mkdir()
+        for name in ("split.csv", "split.json"):
+            shutil.copy(out_dir / name, run / name)
+        result = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir", run,
+                            "--seeds", "0", "--resamples", "100", "--recipes", "reference",
+                            "--teacher-ckpt", *teachers, "--teacher-weights", *weights.split(),
+                            "--", *TINY_TRAIN_ARGS)
+        assert result.returncode == 0, result.stderr
+        summary = json.loads((run / "recipes" / "summary.json").read_text())
+        own = json.loads((alone / "teacher" / "test_metrics.json").read_text())
+        assert summary["teacher"]["accuracy"] == pytest.approx(own["accuracy"])
+        assert summary["teacher"]["macro_f1"] == pytest.approx(own["macro_f1"])
+        assert summary["teacher_checkpoints"] == [str(ckpt) for ckpt in teachers]
+        kd_args = json.loads((run / "recipes" / "reference" / "seed0" / "kd_student" /
+                              "config.json").read_text())["args"]
+        assert kd_args["teacher_ckpt"] == [str(ckpt) for ckpt in teachers]
+        assert kd_args["teacher_weights"] == [float(w) for w in weights.split()]
+        assert "probabilities averaged with weights" in \
+            (run / "recipes" / "summary.md").read_text()
+    # The finished runs of "0 1" were taught with other weights: not reused for "1 0".
+    mixed = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir", run,
+                       "--seeds", "0", "--recipes", "reference", "--teacher-ckpt", *teachers,
+                       "--teacher-weights", "1", "0", "--", *TINY_TRAIN_ARGS)
+    assert_one_line_error(mixed, "holds a finished run trained with other settings",
+                          "--teacher-weights [0.0, 1.0] -> [1.0, 0.0]")
+    uneven = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir", run,
+                        "--recipes", "reference", "--teacher-ckpt", *teachers,
+                        "--teacher-weights", "1")
+    assert_one_line_error(uneven, "--teacher-weights gives 1 weight(s) for 2 teacher(s)")
