@@ -127,8 +127,10 @@ def check_kept_run(stage_dir: Path, stage: str, argv: list[str]) -> None:
     """A finished run that a runner (compare_recipes, run_seeds) keeps instead of training
     again must have been trained with the settings asked for now: otherwise a comparison
     would silently mix budgets, teachers or recipes."""
+    wanted = jsonable(resolve_train_arguments(stage, argv))
+    wanted.pop("out_dir")          # where the run lives now; a copied or moved run is kept
     differences = settings_differences(read_json(stage_dir / "config.json").get("args", {}),
-                                       jsonable(resolve_train_arguments(stage, argv)))
+                                       wanted)
     if differences:
         raise ToolError(f"{stage_dir} holds a finished run trained with other settings "
                         f"({'; '.join(differences)}); delete it or use another --out-dir")
