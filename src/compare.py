@@ -1,6 +1,6 @@
 """``compare_recipes.py``: recipes against their own baselines, over several seeds, on one
-split and one teacher (or one set of teachers); mean ± std, the paired 95% intervals of KD - baseline and the share
-of the teacher-baseline gap closed.
+split and one teacher (or one set of teachers); mean ± std, the paired 95% intervals of
+KD - baseline and the share of the teacher-baseline gap closed.
 
 A recipe is a preset name (``consistent``, see ``recipes.py``) or ``NAME=FLAGS``
 (``dkd=--method dkd``). Its baseline student trains with the same flags less the
