@@ -250,12 +250,13 @@ def plot_recipe_curves(name: str, baseline_folder: Path, kd_folder: Path,
     """Validation accuracy per epoch of the recipe's baseline and KD student, each the
     mean over seeds (epochs that every seed ran)."""
     curves = {}
+    over = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
     for label, folder, stage in (("baseline", baseline_folder, "student"),
                                  ("KD student", kd_folder, "kd_student")):
         histories = [pd.read_csv(folder / f"seed{seed}" / stage / "history.csv")
                      for seed in seeds]
         epochs = min(len(history) for history in histories)
-        curves[f"{label} (mean of {len(seeds)} seeds)"] = pd.DataFrame({
+        curves[f"{label} ({over})"] = pd.DataFrame({
             "epoch": histories[0]["epoch"][:epochs],
             "val_acc": np.mean([history["val_acc"][:epochs] for history in histories], 0)})
     return plot_curves(curves, "val_acc", f"{name}: validation accuracy",
@@ -329,7 +330,7 @@ def recipes_table(summary: dict) -> str:
         f"{', '.join(f'{weight:.2f}' for weight in summary['teacher_weights'])})")
     lines.append(
         f"{who}: {100 * teacher['accuracy']:.2f}% accuracy, {100 * teacher['macro_f1']:.2f}% "
-        f"macro-F1 on the split's n = {teacher['n']} test images. {len(seeds)} seeds "
+        f"macro-F1 on the split's n = {teacher['n']} test images. {len(seeds)} seed{'s' if len(seeds) > 1 else ''} "
         f"({', '.join(map(str, seeds))}), one split; mean ± sample std over seeds, in %; "
         f"differences in points. 'own': the recipe's baseline (same flags less the "
         f"distillation ones); '{versus}'s': the baseline of recipe {versus}. CI images: "
