@@ -26,7 +26,8 @@ from src.recipes import RECIPES
 def main() -> int:
     argv, common = split_passthrough(
         sys.argv[1:], {"--seed", "--out-dir", "--data-dir", "--resume", "--overwrite",
-                       "--teacher-ckpt", "--teacher-weights", "--split-per-class"}, "compare_recipes.py")
+                       "--teacher-ckpt", "--teacher-weights", "--split-per-class"},
+        "compare_recipes.py")
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         usage="%(prog)s [options] [-- options for every train script]",

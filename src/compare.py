@@ -96,7 +96,8 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
         if not ckpt.exists():
             raise ToolError(f"compare_recipes needs the teacher every recipe learns from: "
                             f"{ckpt} not found (train_teacher.py --out-dir {out_dir} first)")
-    normalised_teacher_weights(teacher_weights, len(teachers))      # checked before work
+    # Checked here, before any work; the summary records the weights as applied.
+    applied_weights = normalised_teacher_weights(teacher_weights, len(teachers))
     teacher_flags = ["--teacher-ckpt", *map(str, teachers)] + (
         ["--teacher-weights", *map(str, teacher_weights)] if teacher_weights else [])
     versus = versus or next(iter(recipes))
@@ -169,7 +170,7 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
         rows.append(row)
     summary = {"teacher": {key: teacher_metrics[key] for key in ("accuracy", "macro_f1", "n")},
                "teacher_checkpoints": [str(ckpt) for ckpt in teachers],
-               "teacher_weights": normalised_teacher_weights(teacher_weights, len(teachers)),
+               "teacher_weights": applied_weights,
                "teacher_holdout": None if teacher_holdout is None else
                {key: teacher_holdout[key] for key in ("accuracy", "macro_f1", "n")},
                "seeds": seeds, "resamples": resamples, "common_flags": common,
@@ -330,7 +331,8 @@ def recipes_table(summary: dict) -> str:
         f"{', '.join(f'{weight:.2f}' for weight in summary['teacher_weights'])})")
     lines.append(
         f"{who}: {100 * teacher['accuracy']:.2f}% accuracy, {100 * teacher['macro_f1']:.2f}% "
-        f"macro-F1 on the split's n = {teacher['n']} test images. {len(seeds)} seed{'s' if len(seeds) > 1 else ''} "
+        f"macro-F1 on the split's n = {teacher['n']} test images. {len(seeds)} "
+        f"seed{'s' if len(seeds) > 1 else ''} "
         f"({', '.join(map(str, seeds))}), one split; mean ± sample std over seeds, in %; "
         f"differences in points. 'own': the recipe's baseline (same flags less the "
         f"distillation ones); '{versus}'s': the baseline of recipe {versus}. CI images: "

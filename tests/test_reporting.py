@@ -95,12 +95,17 @@ def test_run_seeds_reports_mean_and_std_on_one_split(tiny_data, tmp_path):
     assert_one_line_error(refused, "--seed after --")
 
 
+def run_on_split_of(out_dir: Path, folder: Path) -> Path:
+    """A new run folder holding a copy of ``out_dir``'s split, as a runner's own runs do."""
+    folder.mkdir()
+    for name in ("split.csv", "split.json"):
+        shutil.copy(out_dir / name, folder / name)
+    return folder
+
+
 def test_compare_recipes_pairs_each_recipe_with_its_own_baseline(finished_run, tmp_path):
     data_dir, out_dir, _, _ = finished_run
-    run = tmp_path / "run"
-    run.mkdir()
-    for name in ("split.csv", "split.json"):
-        shutil.copy(out_dir / name, run / name)
+    run = run_on_split_of(out_dir, tmp_path / "run")
     shutil.copytree(out_dir / "teacher", run / "teacher")
     args = ["--data-dir", data_dir, "--out-dir", run, "--seeds", "0", "1", "--resamples", "200",
             "--recipes", "reference", "at=--method kd+at --feature-layers layer1,layer2",
@@ -175,10 +180,7 @@ def test_compare_recipes_pairs_each_recipe_with_its_own_baseline(finished_run, t
 
 def test_compare_recipes_learns_from_several_teachers(finished_run, tmp_path):
     data_dir, out_dir, _, _ = finished_run
-    second = tmp_path / "second"
-    second.mkdir()
-    for name in ("split.csv", "split.json"):
-        shutil.copy(out_dir / name, second / name)
+    second = run_on_split_of(out_dir, tmp_path / "second")
     for script in ("train_teacher.py", "test_teacher.py"):
         made = run_script(script, "--data-dir", data_dir, "--out-dir", second,
                           *(TINY_TRAIN_ARGS + ["--seed", "1"] if script.startswith("train")
@@ -188,10 +190,7 @@ def test_compare_recipes_learns_from_several_teachers(finished_run, tmp_path):
     # A teacher given weight 0 drops out of the average: the score is then the other
     # teacher's own, as test_teacher.py measured it by another route.
     for weights, alone in (("1 0", out_dir), ("0 1", second)):
-        run = tmp_path / f"weights {weights}"
-        run.mkdir()
-        for name in ("split.csv", "split.json"):
-            shutil.copy(out_dir / name, run / name)
+        run = run_on_split_of(out_dir, tmp_path / f"weights {weights}")
         result = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir", run,
                             "--seeds", "0", "--resamples", "100", "--recipes", "reference",
                             "--teacher-ckpt", *teachers, "--teacher-weights", *weights.split(),
