@@ -91,11 +91,12 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
     recipes = dict(parse_recipe(spec) for spec in specs)
     if len(recipes) != len(specs):
         raise ToolError("--recipes: each name once")
+    hint = "check --teacher-ckpt" if teachers else f"train_teacher.py --out-dir {out_dir} first"
     teachers = [Path(ckpt) for ckpt in teachers or [out_dir / "teacher" / "best.pt"]]
     for ckpt in teachers:
         if not ckpt.exists():
             raise ToolError(f"compare_recipes needs the teacher every recipe learns from: "
-                            f"{ckpt} not found (train_teacher.py --out-dir {out_dir} first)")
+                            f"{ckpt} not found ({hint})")
     # Checked here, before any work; the summary records the weights as applied.
     applied_weights = normalised_teacher_weights(teacher_weights, len(teachers))
     teacher_flags = ["--teacher-ckpt", *map(str, teachers)] + (
