@@ -2,13 +2,17 @@
 (ID,label, with the original label names, in test.csv's order).
 
     python predict.py --stage kd_student --tta
+
+With a <data-dir>/test_labels.csv (the data make_demo_data.py writes) it also prints the
+submission's accuracy and macro-F1 against those labels.
 """
 import argparse
 from pathlib import Path
 
 from src.cli import ToolError, ensure_writable_dir, pick_device, require_at_least_one, run_main, \
     write_csv
-from src.predict import predict_test_set
+from src.predict import HOLDOUT_LABELS, holdout_scores, predict_test_set, \
+    read_holdout_labels
 from src.arguments import common_arguments
 from src.stages import cache_dir_for, runtime_for
 
@@ -34,6 +38,8 @@ def main() -> int:
     if output.exists() and not args.overwrite:
         raise ToolError(f"{output} exists; pass --overwrite to replace it or --output elsewhere")
     ensure_writable_dir(output.parent, "--output folder")
+    # Data made by make_demo_data.py come with test.csv's labels: the submission is scored.
+    holdout = read_holdout_labels(args.data_dir)
     runtime = runtime_for(args, pick_device(args.device))
     submission = predict_test_set(args.data_dir, ckpt, cache_dir_for(args), args.batch_size,
                                   runtime, args.tta)
@@ -41,6 +47,10 @@ def main() -> int:
     counts = submission["label"].value_counts()
     print(f"{len(submission)} predictions ({len(counts)} distinct labels"
           f"{', with flip TTA' if args.tta else ''}) -> {output}")
+    if holdout is not None:
+        scores = holdout_scores(submission, holdout, output)
+        print(f"held-out ({HOLDOUT_LABELS}): accuracy {100 * scores['accuracy']:.2f}%  "
+              f"macro-F1 {100 * scores['macro_f1']:.2f}%  (n={len(holdout)})")
     return 0
 
 

@@ -22,10 +22,9 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from .cli import ToolError, pick_device, publish_table, read_json, write_csv
-from .metrics import classification_metrics
 from .plots import plot_curves
 from .distill import normalised_teacher_weights
-from .predict import predict_test_set, read_holdout_labels, score_teachers
+from .predict import holdout_scores, predict_test_set, read_holdout_labels, score_teachers
 from .recipes import RECIPES
 from .seeds import run_stage_in
 from .arguments import check_arguments, jsonable, parse_train_arguments, train_parser
@@ -209,10 +208,7 @@ def _holdout_scores(stage_dir: Path, data_dir: Path, out_dir: Path,
         predicted = predict_test_set(data_dir, stage_dir / "best.pt", Path(out_dir) / "cache",
                                      256, runtime, tta=False)
         write_csv(saved, predicted)
-    if not predicted["ID"].equals(holdout["ID"]):
-        raise ToolError(f"{saved} does not follow test.csv; delete it to predict again")
-    truth, guess = holdout["label"].to_numpy(), predicted["label"].to_numpy()
-    return {**classification_metrics(truth, guess), "correct": truth == guess}
+    return holdout_scores(predicted, holdout, saved)
 
 
 def compare_runs(baseline: list[dict], kd: list[dict], teacher: dict,

@@ -100,3 +100,13 @@ def read_holdout_labels(data_dir: Path) -> pd.DataFrame | None:
     if sorted(labels["ID"]) != sorted(table["ID"]):
         raise ToolError(f"{path} does not label exactly the IDs of test.csv")
     return table[["ID"]].merge(labels, on="ID", how="left")
+
+
+def holdout_scores(predicted: pd.DataFrame, holdout: pd.DataFrame, source: Path) -> dict:
+    """Accuracy, macro-F1 and per-image correctness (``correct``) of predicted labels
+    (``ID,label`` rows from ``source``) against ``read_holdout_labels``."""
+    if not predicted["ID"].equals(holdout["ID"]):
+        raise ToolError(f"{source} does not follow the IDs of test.csv; delete it and "
+                        f"predict again")
+    truth, guess = holdout["label"].to_numpy(), predicted["label"].to_numpy()
+    return {**classification_metrics(truth, guess), "correct": truth == guess}

@@ -59,6 +59,25 @@ def test_predict_writes_one_row_per_test_id_in_order(finished_run, tmp_path):
         assert list(submission.columns) == ["ID", "label"]
         assert submission["ID"].tolist() == test_table["ID"].tolist()
         assert set(submission["label"]) <= classes
+    # The tiny data come with test.csv's labels: the printed score is the submission's.
+    submission = pd.read_csv(tmp_path / "submission0.csv")
+    truth = submission.merge(pd.read_csv(data_dir / "test_labels.csv"), on="ID")
+    accuracy = 100 * (truth["label_x"] == truth["label_y"]).mean()
+    printed = run_script("predict.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                         "--stage", "kd_student", "--output", tmp_path / "again.csv").stdout
+    assert f"held-out (test_labels.csv): accuracy {accuracy:.2f}%  macro-F1 " in printed
+    dacon_like = Path(shutil.copytree(data_dir, tmp_path / "dacon"))
+    (dacon_like / "test_labels.csv").unlink()
+    unlabelled = run_script("predict.py", "--data-dir", dacon_like, "--out-dir", out_dir,
+                            "--no-cache", "--output", tmp_path / "unlabelled.csv")
+    assert unlabelled.returncode == 0, unlabelled.stderr
+    assert "held-out" not in unlabelled.stdout
+    labels = pd.read_csv(data_dir / "test_labels.csv")
+    labels.iloc[1:].to_csv(dacon_like / "test_labels.csv", index=False)
+    mislabelled = run_script("predict.py", "--data-dir", dacon_like, "--out-dir", out_dir,
+                             "--no-cache", "--output", tmp_path / "mislabelled.csv")
+    assert_one_line_error(mislabelled, "test_labels.csv does not label exactly the IDs")
+    assert not (tmp_path / "mislabelled.csv").exists()
     again = run_script("predict.py", "--data-dir", data_dir, "--out-dir", out_dir,
                        "--output", tmp_path / "submission0.csv")
     assert_one_line_error(again, "exists", "--overwrite")
