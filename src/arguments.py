@@ -198,6 +198,13 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
         kd.add_argument("--amd-weight", type=float, default=1.0,
                         help="amd: weight of the angular-margin loss (the paper's code gives "
                              "no weight for it; 1 is ours)")
+        kd.add_argument("--lr-from-hr", action="store_true",
+                        help="render each training view's LR image from its HR twin, shifted "
+                             "by a random 0 to scale-1 HR pixels and box-filtered: LR images "
+                             "at sampling phases the LR set lacks, each labelled by the "
+                             "teacher from the same shifted HR view (needs LR images that are "
+                             "their HR twins box-filtered, as make_demo_data.py writes; "
+                             "checked before training)")
         kd.add_argument("--teacher-cache", action="store_true",
                         help="kd/dkd with one teacher: compute its logits once on whole, "
                              "un-augmented HR images and reuse them every epoch: no teacher "

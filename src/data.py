@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
@@ -391,6 +392,40 @@ def check_pair_sizes(lr_size, hr_size) -> None:
                         f"are upscale_img_path and img_path swapped or from other samples?")
 
 
+def box_downsample(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """Each LR pixel the mean of its ``scale`` x ``scale`` HR block, rounded to a grey level:
+    how ``make_demo_data.py`` makes every LR image from its HR twin."""
+    return F.avg_pool2d(hr.float(), scale).round_().to(torch.uint8)
+
+
+def lr_render_error(images: ImageSet, scale: int, limit: int = 512) -> float:
+    """Mean absolute difference, in grey levels, between the first ``limit`` training LR
+    images and their HR twins box-filtered by ``scale``: about 0 when the LR set was made
+    that way, so LR views rendered from HR twins look like the LR images."""
+    index = images.split.indices("train")[:limit]
+    hr = torch.from_numpy(np.ascontiguousarray(images.pixels["hr"][index])).permute(0, 3, 1, 2)
+    lr = torch.from_numpy(np.ascontiguousarray(images.pixels["lr"][index])).permute(0, 3, 1, 2)
+    return float((box_downsample(hr, scale).float() - lr.float()).abs().mean())
+
+
+def render_lr_from_hr(hr: torch.Tensor, scale: int, generator: torch.Generator):
+    """New LR images from a ``uint8`` HR batch (B, 3, H, W): each HR twin shifted by a random
+    whole number of HR pixels (0 to ``scale`` - 1 down and right, edges repeated), then
+    box-filtered by ``scale``. A shift that is not a whole LR pixel samples the photo at
+    another phase, giving an LR image the LR set does not hold and an LR-only model cannot
+    make; the shifted HR batch is returned beside it, for the teacher to see the same view.
+    """
+    height, width = hr.shape[-2:]
+    offsets = torch.randint(0, scale, (len(hr), 2), generator=generator).to(hr.device)
+    padded = F.pad(hr.float(), (0, scale - 1, 0, scale - 1), mode="replicate")
+    shifted = torch.empty(hr.shape, dtype=torch.float32, device=hr.device)
+    for down in range(scale):
+        for right in range(scale):
+            rows = ((offsets[:, 0] == down) & (offsets[:, 1] == right)).nonzero()[:, 0]
+            shifted[rows] = padded[rows, :, down:down + height, right:right + width]
+    return box_downsample(shifted, scale), shifted.to(torch.uint8)
+
+
 # --- batches ---------------------------------------------------------------------------
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -465,7 +500,12 @@ def sample_view_params(batch_size: int, generator: torch.Generator, hflip: bool,
     top = (uniform(batch_size) * (grid - height + 1)).long().clamp(max=grid - 1)
     left = (uniform(batch_size) * (grid - width + 1)).long().clamp(max=grid - 1)
     flip = uniform(batch_size) < 0.5 if hflip else torch.zeros(batch_size, dtype=torch.bool)
-    return ViewParams(torch.stack([top, left, height, width], 1), flip, grid)
+    boxes = torch.stack([top, left, height, width], 1)
+    if crop_scale >= 1:
+        # The whole image: an aspect ratio other than 1 would otherwise still cut a strip
+        # off one side. (The draws above are kept, so the flips do not depend on this.)
+        boxes = torch.tensor([0, 0, grid, grid]).expand(batch_size, 4).clone()
+    return ViewParams(boxes, flip, grid)
 
 
 def _resize_into(images: torch.Tensor, out: torch.Tensor) -> None:

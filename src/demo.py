@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from .cli import progress_bar
+from .data import box_downsample
 
 COLOURS = {"red": (200, 60, 50), "green": (60, 160, 70), "blue": (60, 90, 200),
            "yellow": (215, 190, 60), "purple": (140, 70, 170)}
@@ -61,10 +63,9 @@ def render_hr(rng: np.random.Generator, size: int, colour: str, texture: str,
 
 
 def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
-    """Box filter: each LR pixel is the mean of its scale x scale HR block."""
-    size = hr.shape[0] // scale
-    blocks = hr.reshape(size, scale, size, scale, 3).astype(np.float32)
-    return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
+    """An (H, W, 3) HR image box-filtered to LR, as ``--lr-from-hr`` renders LR views."""
+    pixels = torch.from_numpy(np.ascontiguousarray(hr)).permute(2, 0, 1)[None]
+    return box_downsample(pixels, scale)[0].permute(1, 2, 0).numpy()
 
 
 def write_demo_dataset(out_dir: Path, per_class: int = 40, test_images: int = 50,

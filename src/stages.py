@@ -25,7 +25,7 @@ from . import distributed
 from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, save_torch, \
     write_csv, write_json
 from .backbones import is_transformer, library_of, library_version
-from .data import ImageSet, load_or_create_split
+from .data import ImageSet, load_or_create_split, lr_render_error, pair_scale
 from .distill import Distiller, HardLabels, LossWeights, parse_method
 from .models import build_model, load_checkpoint, load_teacher
 from .plots import plot_comparison, plot_curves
@@ -40,6 +40,10 @@ COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", 
                        "mixup", "cutmix", "layer_decay")
 # Arguments that may differ between a run and its --resume.
 RESUME_FREE = {"resume", "overwrite", "device", "compile", "cache_dir", "no_cache", "sync_bn"}
+
+# Mean grey-level difference allowed between the LR images and their box-filtered HR twins
+# for --lr-from-hr: rounding alone (another library's box filter) stays well below it.
+LR_RENDER_TOLERANCE = 1.0
 
 
 # --- training --------------------------------------------------------------------------
@@ -165,6 +169,10 @@ def resolve_train_arguments(stage: str, argv) -> argparse.Namespace:
             raise ToolError("--teacher-cache keeps the teacher's logits of whole unmixed "
                             "images; with --mixup or --cutmix the teacher must see each "
                             "mixed view (drop --teacher-cache)")
+        if args.teacher_cache and args.lr_from_hr:
+            raise ToolError("--teacher-cache keeps the teacher's logits of the HR images as "
+                            "they are; with --lr-from-hr the teacher must see each shifted "
+                            "HR view (drop one of them)")
     resolve_init_weights(args, Path(args.out_dir))
     return args
 
@@ -222,6 +230,7 @@ def train_main(stage: str, argv=None) -> int:
             del view_sizes["hr"]    # the student alone needs images from here on
         images = ImageSet.load(split, args.data_dir, sorted(view_sizes), cache_dir,
                                memory_map=context.enabled)
+    lr_from_hr = _lr_render_scale(images) if getattr(args, "lr_from_hr", False) else 0
 
     if stage == "kd_student":
         weights = LossWeights(
@@ -282,7 +291,7 @@ def train_main(stage: str, argv=None) -> int:
         crop_scale=args.crop_scale, seed=args.seed, amp=runtime.amp,
         channels_last=runtime.channels_last, view_sizes=view_sizes, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, mixup=args.mixup, cutmix=args.cutmix,
-        sync_bn=args.sync_bn, layer_decay=args.layer_decay)
+        sync_bn=args.sync_bn, layer_decay=args.layer_decay, lr_from_hr=lr_from_hr)
     meta = {"stage": stage, "arch": args.arch, "library": library_of(args.arch),
             "library_version": library_version(args.arch), "classes": split.classes,
             "resolution": resolution, "input_size": args.input_size,
@@ -295,6 +304,19 @@ def train_main(stage: str, argv=None) -> int:
     print(f"done: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
           f"({summary['train_seconds']:.0f}s) -> {stage_dir / 'best.pt'}")
     return 0
+
+
+def _lr_render_scale(images: ImageSet) -> int:
+    """The HR/LR factor for ``--lr-from-hr``, once the LR images are checked to be their HR
+    twins box-filtered (else the rendered views would not look like the LR images)."""
+    scale = pair_scale(images.pixels["lr"].shape[1:3], images.pixels["hr"].shape[1:3])
+    error = lr_render_error(images, scale)
+    if error > LR_RENDER_TOLERANCE:
+        raise ToolError(f"--lr-from-hr: the LR images differ from their HR twins box-filtered "
+                        f"by {scale} by {error:.1f} grey levels on average (at most "
+                        f"{LR_RENDER_TOLERANCE} allowed): they were made another way, so "
+                        f"rendered LR views would not look like them; drop --lr-from-hr")
+    return scale
 
 
 def _teacher_logits(teacher, teacher_meta: dict, teacher_ckpt: Path, split, data_dir: Path,

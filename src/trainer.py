@@ -33,7 +33,7 @@ from . import distributed
 from .backbones import layer_scales
 from .cli import ToolError, progress_bar, save_torch, write_csv, write_json
 from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
-    sample_view_params, view_grid
+    render_lr_from_hr, sample_view_params, view_grid
 from .metrics import classification_metrics
 from .mixing import mix_views, sample_mix_params
 from .models import capture_penultimate, save_checkpoint
@@ -62,6 +62,7 @@ class FitConfig:
     cutmix: float = 0.0           # Beta concentration; 0 = off
     sync_bn: bool = False         # under torchrun on CUDA: SyncBatchNorm in the student
     layer_decay: float = 1.0      # layer-wise learning-rate decay of the student; 1 = off
+    lr_from_hr: int = 0           # HR/LR factor: LR views rendered from HR twins; 0 = off
 
 
 @dataclass
@@ -99,6 +100,8 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
                     total=len(batches), desc=description, unit="batch", leave=False)
     for step, batch in enumerate(progress):
         labels = batch["labels"]
+        if cfg.lr_from_hr:
+            batch["lr"], batch["hr"] = render_lr_from_hr(batch["hr"], cfg.lr_from_hr, generator)
         grid = view_grid(batch, view_sizes)
         params = sample_view_params(len(labels), generator, cfg.hflip, cfg.crop_scale, grid)
         mix = sample_mix_params(len(labels), generator, cfg.mixup, cfg.cutmix, grid)

@@ -108,3 +108,13 @@ def test_views_are_the_same_on_one_thread_and_after_a_fork():
         os.waitpid(child, 0)
     assert finished[0] == child, "the forked child hung making a view"
     assert os.waitstatus_to_exitcode(finished[1]) == 0
+
+
+def test_crop_scale_one_keeps_the_whole_image():
+    """An aspect ratio other than 1 must not cut a strip off one side when no crop is asked
+    for (the teacher cache's whole-image logits rely on it)."""
+    params = sample_view_params(64, torch.Generator().manual_seed(7), True, 1.0, grid=8)
+    assert torch.equal(params.boxes, torch.tensor([[0, 0, 8, 8]] * 64))
+    cropped = sample_view_params(64, torch.Generator().manual_seed(7), True, 0.9, grid=8)
+    assert torch.equal(cropped.flip, params.flip)
+    assert (cropped.boxes[:, 2:] < 8).any()
