@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .cli import ToolError, progress_bar
-from .data import MIN_IMAGES_PER_CLASS, decode_image, pair_scale, read_test_table, \
-    read_train_table
+from .data import LR_RENDER_TOLERANCE, MIN_IMAGES_PER_CLASS, decode_image, pair_scale, \
+    read_test_table, read_train_table
+from .demo import downsample
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Report:
     sizes: dict = field(default_factory=lambda: {"LR": Counter(), "HR": Counter(),
                                                  "test": Counter()})
     problems: dict = field(default_factory=dict)   # kind -> list of messages
+    # Mean grey-level difference of each LR image from its HR twin box-filtered to LR size.
+    pair_differences: list = field(default_factory=list)
 
     def add(self, kind: str, message: str) -> None:
         self.problems.setdefault(kind, []).append(message)
@@ -81,7 +84,7 @@ def check_dataset(data_dir: Path, pair_tolerance: float = 16.0) -> Report:
                                         lr_images, hr_images):
         if isinstance(lr, str) or isinstance(hr, str):
             continue
-        problem = _pair_problem(lr, hr, pair_tolerance)
+        problem = _pair_problem(lr, hr, pair_tolerance, report.pair_differences)
         if problem:
             report.add("pairs", f"{lr_path} / {hr_path}: {problem}")
 
@@ -107,14 +110,17 @@ def check_dataset(data_dir: Path, pair_tolerance: float = 16.0) -> Report:
     return report
 
 
-def _pair_problem(lr: np.ndarray, hr: np.ndarray, tolerance: float) -> str | None:
-    """Why an LR image and its HR twin do not look like one sample, or None."""
+def _pair_problem(lr: np.ndarray, hr: np.ndarray, tolerance: float,
+                  differences: list) -> str | None:
+    """Why an LR image and its HR twin do not look like one sample, or None; the mean
+    difference of the LR image from its box-filtered twin goes to ``differences``."""
     (lr_h, lr_w), (hr_h, hr_w) = lr.shape[:2], hr.shape[:2]
     scale = pair_scale((lr_h, lr_w), (hr_h, hr_w))
     if scale is None:
         return (f"HR {hr_w}x{hr_h} is not the LR {lr_w}x{lr_h} scaled by one whole factor")
-    shrunk = hr.reshape(lr_h, scale, lr_w, scale, 3).astype(np.float32).mean(axis=(1, 3))
-    difference = float(np.abs(shrunk - lr.astype(np.float32)).mean())
+    difference = float(np.abs(downsample(hr, scale).astype(np.float32)
+                               - lr.astype(np.float32)).mean())
+    differences.append(difference)
     if difference > tolerance:
         return (f"the HR image shrunk to LR size differs by {difference:.1f} grey levels on "
                 f"average (> {tolerance:g}): probably not the same sample")
@@ -137,6 +143,12 @@ def print_report(report: Report, limit: int = 10) -> None:
         if report.sizes[kind]:
             sizes = ", ".join(f"{w}x{h} ({n})" for (w, h), n in report.sizes[kind].most_common())
             print(f"{kind} image sizes: {sizes}")
+    if report.pair_differences:
+        difference = float(np.mean(report.pair_differences))
+        verdict = "can" if difference <= LR_RENDER_TOLERANCE else "cannot"
+        print(f"LR images vs their HR twins box-filtered to LR size: {difference:.2f} grey "
+              f"levels apart on average (--lr-from-hr {verdict} be used: it needs at most "
+              f"{LR_RENDER_TOLERANCE:g})")
     if not report.problems:
         print("no problems found")
         return

@@ -398,6 +398,11 @@ def box_downsample(hr: torch.Tensor, scale: int) -> torch.Tensor:
     return F.avg_pool2d(hr.float(), scale).round_().to(torch.uint8)
 
 
+# Mean grey-level difference allowed between the LR images and their box-filtered HR twins
+# for --lr-from-hr: rounding alone (another library's box filter) stays well below it.
+LR_RENDER_TOLERANCE = 1.0
+
+
 def lr_render_error(images: ImageSet, scale: int, limit: int = 512) -> float:
     """Mean absolute difference, in grey levels, between the first ``limit`` training LR
     images and their HR twins box-filtered by ``scale``: about 0 when the LR set was made

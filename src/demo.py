@@ -64,7 +64,7 @@ def render_hr(rng: np.random.Generator, size: int, colour: str, texture: str,
 
 def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
     """An (H, W, 3) HR image box-filtered to LR, as ``--lr-from-hr`` renders LR views."""
-    pixels = torch.from_numpy(np.ascontiguousarray(hr)).permute(2, 0, 1)[None]
+    pixels = torch.tensor(hr).permute(2, 0, 1)[None]
     return box_downsample(pixels, scale)[0].permute(1, 2, 0).numpy()
 
 

@@ -25,7 +25,8 @@ from . import distributed
 from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, save_torch, \
     write_csv, write_json
 from .backbones import is_transformer, library_of, library_version
-from .data import ImageSet, load_or_create_split, lr_render_error, pair_scale
+from .data import LR_RENDER_TOLERANCE, ImageSet, load_or_create_split, lr_render_error, \
+    pair_scale
 from .distill import Distiller, HardLabels, LossWeights, parse_method
 from .models import build_model, load_checkpoint, load_teacher
 from .plots import plot_comparison, plot_curves
@@ -40,10 +41,6 @@ COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", 
                        "mixup", "cutmix", "layer_decay")
 # Arguments that may differ between a run and its --resume.
 RESUME_FREE = {"resume", "overwrite", "device", "compile", "cache_dir", "no_cache", "sync_bn"}
-
-# Mean grey-level difference allowed between the LR images and their box-filtered HR twins
-# for --lr-from-hr: rounding alone (another library's box filter) stays well below it.
-LR_RENDER_TOLERANCE = 1.0
 
 
 # --- training --------------------------------------------------------------------------

@@ -125,6 +125,15 @@ def test_lr_from_hr_refuses_lr_images_made_another_way(finished_run, data_copy, 
     assert not (tmp_path / "kd_student" / "best.pt").exists()
     # The same data train without the flag: only the rendering needed the box filter.
     assert run_script("train_kd_student.py", *common).returncode == 0
+    # check_data.py says beforehand whether the flag can be used.
+    report = run_script("check_data.py", "--data-dir", data_copy).stdout
+    assert "--lr-from-hr cannot be used" in report, report
+
+
+def test_check_data_says_when_lr_from_hr_can_be_used(tiny_data):
+    report = run_script("check_data.py", "--data-dir", tiny_data).stdout
+    assert "box-filtered to LR size: 0.00 grey levels apart" in report, report
+    assert "--lr-from-hr can be used" in report, report
 
 
 def test_lr_from_hr_refuses_cached_teacher_logits(finished_run, tmp_path):
