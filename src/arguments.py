@@ -155,10 +155,11 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
             "feature maps (teacher maps pooled to the student's size; a learned "
             "1x1 projection where channels differ): at (attention transfer, Zagoruyko 2017), "
             "cwd (channel-wise, Shu 2021), mgd (masked generative, Yang 2022), amd (angular "
-            "margin, Jeon 2023; global and local maps 8:2). Defaults are the papers'.")
+            "margin, Jeon 2023; global and local maps 8:2), fitnet (FitNets hint, Romero 2015: "
+            "squared error of the maps). Defaults are the papers'.")
         kd.add_argument("--method", default="kd",
-                        help="kd, dkd, at, cwd, mgd, amd, or a logit and feature methods "
-                             "joined by + (kd+at, dkd+cwd+amd)")
+                        help="kd, dkd, at, cwd, mgd, amd, fitnet, or a logit and feature "
+                             "methods joined by + (kd+at, dkd+cwd+amd)")
         kd.add_argument("--teacher-ckpt", type=Path, nargs="+", default=None,
                         help="teacher checkpoint(s) (default: <out-dir>/teacher/best.pt); each "
                              "is frozen and sees the HR twin of the student's view; with "
@@ -198,6 +199,9 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
         kd.add_argument("--amd-weight", type=float, default=1.0,
                         help="amd: weight of the angular-margin loss (the paper's code gives "
                              "no weight for it; 1 is ours)")
+        kd.add_argument("--fitnet-weight", type=float, default=100.0,
+                        help="fitnet: weight of the mean squared error of the maps "
+                             "(mdistiller's)")
         kd.add_argument("--lr-from-hr", action="store_true",
                         help="render each training view's LR image from its HR twin, shifted "
                              "by a random 0 to scale-1 HR pixels and box-filtered: LR images "
@@ -253,7 +257,8 @@ FLAG_BOUNDS = {
     "dkd_warmup": (0, None, True, True), "at_weight": (0, None, True, True),
     "cwd_weight": (0, None, True, True), "cwd_tau": (0, None, False, True),
     "mgd_weight": (0, None, True, True), "mgd_mask": (0, 1, True, False),
-    "amd_weight": (0, None, True, True), "layer_decay": (0, 1, False, True),
+    "amd_weight": (0, None, True, True), "fitnet_weight": (0, None, True, True),
+    "layer_decay": (0, 1, False, True),
 }
 
 

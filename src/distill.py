@@ -3,8 +3,8 @@ and the batch itself (``labels``, ``index``), returns the logits and a dict of n
 already-weighted loss terms; the trainer logs every term and optimises their sum.
 
 ``--method`` names the terms beside the hard-label cross-entropy: at most one logit method
-(``kd``, ``dkd``) and any feature methods (``at``, ``cwd``, ``mgd``, ``amd``), joined by
-``+`` (``kd+at``). Feature methods compare the maps of the layers ``--feature-layers``
+(``kd``, ``dkd``) and any feature methods (``at``, ``cwd``, ``mgd``, ``amd``, ``fitnet``),
+joined by ``+`` (``kd+at``). Feature methods compare the maps of the layers ``--feature-layers``
 names (default: the last convolutional map), summed over layers. With paired mixup or
 cutmix (``batch["mix"]``) the cross-entropy weighs both labels of each mixed image and
 the teacher sees the mixed HR view itself. The losses themselves live in ``losses.py``.
@@ -21,13 +21,13 @@ from torch import nn
 from .backbones import feature_point
 from .cli import ToolError
 from .losses import MGDGenerator, amd_loss, at_loss, cwd_loss, dkd_loss_from_probs, \
-    kd_loss_from_probs, soft_targets
+    fitnet_loss, kd_loss_from_probs, soft_targets
 from .models import FrozenTeacher
 
 LOGIT_METHODS = ("kd", "dkd")
-FEATURE_METHODS = ("at", "cwd", "mgd", "amd")
+FEATURE_METHODS = ("at", "cwd", "mgd", "amd", "fitnet")
 # Feature methods that compare channels one to one need a student-to-teacher projection.
-NEEDS_PROJECTION = ("cwd", "mgd")
+NEEDS_PROJECTION = ("cwd", "mgd", "fitnet")
 
 
 def parse_method(method: str) -> list[str]:
@@ -56,6 +56,7 @@ class LossWeights:
     mgd: float = 7e-5
     mgd_mask: float = 0.5
     amd: float = 1.0
+    fitnet: float = 100.0
     teacher_weights: list = field(default_factory=lambda: [1.0])
     feature_layers: tuple = ("last",)
 
@@ -271,6 +272,8 @@ class Distiller(HardLabels):
         aligned = self.projections[pair](student_features)
         if part == "cwd":
             return cwd_loss(aligned, teacher_features, self.weights.cwd_tau)
+        if part == "fitnet":
+            return fitnet_loss(aligned, teacher_features)
         return self.generators[pair](aligned, teacher_features)
 
 

@@ -91,6 +91,14 @@ def cwd_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
     return _kl(teacher, student).mean() * tau ** 2
 
 
+def fitnet_loss(student_features: torch.Tensor,
+                teacher_features: torch.Tensor) -> torch.Tensor:
+    """FitNets hint (Romero et al., ICLR 2015): mean squared error between the (channel-
+    aligned) student map and the teacher's. mdistiller's weight: 100. Across resolutions
+    the student's LR features regress the teacher's features of the HR twin."""
+    return (student_features.float() - teacher_features.float()).pow(2).mean()
+
+
 class MGDGenerator(nn.Module):
     """Masked generative distillation (Yang et al., ECCV 2022): random locations of the
     (channel-aligned) student map are zeroed, a 3x3-conv, ReLU, 3x3-conv block generates

@@ -234,7 +234,7 @@ def train_main(stage: str, argv=None) -> int:
             alpha=args.alpha, beta=args.beta, temperature=args.temperature,
             dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta, dkd_warmup=args.dkd_warmup,
             at=args.at_weight, cwd=args.cwd_weight, cwd_tau=args.cwd_tau, mgd=args.mgd_weight,
-            mgd_mask=args.mgd_mask, amd=args.amd_weight,
+            mgd_mask=args.mgd_mask, amd=args.amd_weight, fitnet=args.fitnet_weight,
             teacher_weights=args.teacher_weights or [1.0] * len(teachers),
             feature_layers=tuple(layer.strip() for layer in args.feature_layers.split(",")
                                  if layer.strip()) or ("last",))

@@ -11,10 +11,11 @@ from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
 from src.cli import ToolError
 from src.distill import Distiller, LossWeights, parse_method
 from src.losses import MGDGenerator, _angular_terms, amd_loss, at_loss, cwd_loss, \
-    dkd_loss_from_probs, kd_loss
+    dkd_loss_from_probs, fitnet_loss, kd_loss
 from src.models import build_model
 
-FEATURE_LOSSES = {"at": at_loss, "cwd": lambda s, t: cwd_loss(s, t, 4.0), "amd": amd_loss}
+FEATURE_LOSSES = {"at": at_loss, "cwd": lambda s, t: cwd_loss(s, t, 4.0), "amd": amd_loss,
+                  "fitnet": fitnet_loss}
 
 
 @pytest.mark.parametrize("name", FEATURE_LOSSES)
@@ -40,6 +41,34 @@ def test_cwd_by_hand():
     student = torch.zeros(1, 1, 1, 2)
     expected = 16 * (0.75 * math.log(1.5) - 0.25 * math.log(2.0))
     assert cwd_loss(student, teacher, 4.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_fitnet_by_hand():
+    # Differences 1, -3 over two elements: mean square (1 + 9) / 2 = 5.
+    student = torch.tensor([[[[2.0, 0.0]]]])
+    teacher = torch.tensor([[[[1.0, 3.0]]]])
+    assert fitnet_loss(student, teacher).item() == pytest.approx(5.0)
+
+
+def test_fitnet_of_a_teacher_initialised_student_starts_at_zero():
+    # Same architecture: no projection, the maps are compared as they are. A student that
+    # is a copy of the teacher, shown the same image, has nothing to regress; shown another
+    # image, the term is the weight times the mean squared difference of the last maps.
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", 5)
+    student = copy.deepcopy(teacher)
+    hr_images, lr_images = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    batch = {"labels": torch.tensor([0, 1]), "index": torch.arange(2)}
+    objective = Distiller(student, [teacher], "fitnet", LossWeights(fitnet=100.0)).eval()
+    assert all(isinstance(module, torch.nn.Identity) for module in objective.projections)
+    _, terms = objective({"lr": hr_images, "hr": hr_images}, batch)
+    assert terms["fitnet"].item() == pytest.approx(0.0, abs=1e-10)
+    _, terms = objective({"lr": lr_images, "hr": hr_images}, batch)
+    backbone = torch.nn.Sequential(*list(teacher.children())[:-2]).eval()   # to layer4
+    with torch.no_grad():
+        expected = 100.0 * (backbone(lr_images) - backbone(hr_images)).pow(2).mean()
+    assert expected.item() > 0
+    assert terms["fitnet"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_dkd_by_hand():
@@ -105,7 +134,8 @@ def _pair(student_arch="resnet18", teacher_arch="mobilenet_v3_large"):
     return build_model(student_arch, 5), build_model(teacher_arch, 5)
 
 
-@pytest.mark.parametrize("method", ["kd", "dkd", "at", "cwd", "mgd", "amd", "dkd+cwd+mgd+amd"])
+@pytest.mark.parametrize("method", ["kd", "dkd", "at", "cwd", "mgd", "amd", "fitnet",
+                                    "dkd+cwd+mgd+amd+fitnet"])
 def test_mismatched_sizes_and_channels_give_finite_losses_and_right_gradients(method):
     # ResNet18 student (512 channels, 3x3 map at 96 px); MobileNetV3 teacher (960 channels,
     # 4x4 map at 128 px): feature maps differ in size and channels.
@@ -126,7 +156,7 @@ def test_mismatched_sizes_and_channels_give_finite_losses_and_right_gradients(me
     for module in (*objective.projections, *objective.generators):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
     assert all(p.grad is None for p in objective.teachers.parameters())
-    if {"cwd", "mgd"} & set(parse_method(method)):
+    if {"cwd", "mgd", "fitnet"} & set(parse_method(method)):
         assert len(list(objective.projections[0].parameters())) == 1   # the 1x1 projection
         assert "projections.0.weight" in objective.extra_state()        # saved with the student
 
@@ -171,7 +201,7 @@ def test_method_names_are_checked():
             parse_method(bad)
 
 
-@pytest.mark.parametrize("method", ["kd", "dkd", "at", "cwd", "mgd", "amd", "kd+at"])
+@pytest.mark.parametrize("method", ["kd", "dkd", "at", "cwd", "mgd", "amd", "fitnet", "kd+at"])
 def test_every_method_trains_one_epoch_end_to_end(finished_run, tmp_path, method):
     data_dir, out_dir, _, _ = finished_run
     run = tmp_path / "run"
@@ -202,8 +232,8 @@ def test_two_teachers_end_to_end_and_bad_method(finished_run, tmp_path):
                         teacher, "--teacher-weights", "1", "2")
     assert result.returncode == 0, result.stderr
     bad = run_script("train_kd_student.py", "--data-dir", data_dir, "--out-dir", tmp_path / "b",
-                     *TINY_TRAIN_ARGS, "--method", "kd+fitnet")
-    assert_one_line_error(bad, "--method", "fitnet")
+                     *TINY_TRAIN_ARGS, "--method", "kd+crd")
+    assert_one_line_error(bad, "--method", "crd")
     weights = run_script("train_kd_student.py", "--data-dir", data_dir, "--out-dir",
                          tmp_path / "c", *TINY_TRAIN_ARGS, "--teacher-ckpt", teacher,
                          "--teacher-weights", "1", "2")

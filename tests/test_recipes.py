@@ -245,6 +245,7 @@ def test_presets_fill_defaults_and_explicit_flags_win():
     ("--temperature", "0", "--temperature must be positive"),
     ("--beta", "-1", "--beta must be at least 0"),
     ("--mgd-mask", "1", "--mgd-mask must be in [0, 1)"),
+    ("--fitnet-weight", "-1", "--fitnet-weight must be at least 0"),
     ("--epochs", "0", "--epochs must be at least 1"),
     ("--split-per-class", "0", "--split-per-class must be at least 1"),
 ])
