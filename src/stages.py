@@ -101,22 +101,27 @@ def _clear_for_overwrite(stage_dir: Path, args) -> None:
 PATH_SETTINGS = {"data_dir", "out_dir", "teacher_ckpt", "weights"}
 
 
-def settings_differences(saved: dict, wanted: dict) -> list[str]:
+def settings_differences(saved: dict, wanted: dict, stage: str) -> list[str]:
     """The training settings (all but RESUME_FREE) in which a saved run's ``args`` differ
-    from the ones wanted now, as ``--flag saved -> wanted``."""
+    from the ones wanted now, as ``--flag saved -> wanted``. A flag the saved run does not
+    record was added later: it trained as the flag's default does (a new flag's default
+    keeps the old behaviour), so it is compared as that default."""
+    defaults = jsonable(parse_train_arguments(stage, []))
+    saved = {**{key: defaults.get(key) for key in wanted}, **saved}
+
     def normal(key, value):
         if key not in PATH_SETTINGS or value is None:
             return value
         return [os.path.abspath(item) for item in value] if isinstance(value, list) \
             else os.path.abspath(value)
-    return [f"--{key.replace('_', '-')} {saved.get(key)!r} -> {value!r}"
+    return [f"--{key.replace('_', '-')} {saved[key]!r} -> {value!r}"
             for key, value in wanted.items()
-            if key not in RESUME_FREE and normal(key, saved.get(key)) != normal(key, value)]
+            if key not in RESUME_FREE and normal(key, saved[key]) != normal(key, value)]
 
 
-def _check_resume_settings(stage_dir: Path, args_dict: dict) -> dict:
+def _check_resume_settings(stage_dir: Path, stage: str, args_dict: dict) -> dict:
     config = read_json(stage_dir / "config.json")
-    differences = settings_differences(config.get("args", {}), args_dict)
+    differences = settings_differences(config.get("args", {}), args_dict, stage)
     if differences:
         raise ToolError(f"--resume with other settings than the saved run "
                         f"({'; '.join(differences)}); resume with the saved settings or "
@@ -131,7 +136,7 @@ def check_kept_run(stage_dir: Path, stage: str, argv: list[str]) -> None:
     wanted = jsonable(resolve_train_arguments(stage, argv))
     wanted.pop("out_dir")          # where the run lives now; a copied or moved run is kept
     differences = settings_differences(read_json(stage_dir / "config.json").get("args", {}),
-                                       wanted)
+                                       wanted, stage)
     if differences:
         raise ToolError(f"{stage_dir} holds a finished run trained with other settings "
                         f"({'; '.join(differences)}); delete it or use another --out-dir")
@@ -184,7 +189,7 @@ def train_main(stage: str, argv=None) -> int:
         print(f"{stage_dir} holds a finished run; nothing to resume "
               f"(use --overwrite to train again)")
         return 0
-    config = _check_resume_settings(stage_dir, args_dict) if args.resume else None
+    config = _check_resume_settings(stage_dir, stage, args_dict) if args.resume else None
 
     device = distributed.setup(args.device, args.sync_bn)
     context = distributed.current()

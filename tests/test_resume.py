@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from src.arguments import jsonable, parse_train_arguments
+from src.stages import settings_differences
 
 RESUME_ARGS = [*TINY_TRAIN_ARGS[:-4], "--epochs", "4", "--batch-size", "8", "--lr", "1e-3",
                "--deterministic", "--patience", "10"]
@@ -116,3 +118,16 @@ def test_non_finite_loss_stops_the_stage(tiny_data, tmp_path):
                         *TINY_TRAIN_ARGS[:-2], "--lr", "1e30")
     assert_one_line_error(result, "training loss became", "try a lower --lr")
     assert not (tmp_path / "student" / "best.pt").exists()
+
+
+def test_a_flag_added_after_a_run_counts_as_its_default():
+    # A run saved before --fitnet-weight existed trained as its default does: kept when
+    # the default is wanted, refused when another value is.
+    wanted = jsonable(parse_train_arguments("kd_student", ["--method", "kd"]))
+    saved = {key: value for key, value in wanted.items() if key != "fitnet_weight"}
+    assert settings_differences(saved, wanted, "kd_student") == []
+    other = {**wanted, "fitnet_weight": 10.0}
+    assert settings_differences(saved, other, "kd_student") == ["--fitnet-weight 100.0 -> 10.0"]
+    # A recorded value is compared as recorded.
+    assert settings_differences({**saved, "lr": 0.5}, wanted, "kd_student") == \
+        [f"--lr 0.5 -> {wanted['lr']!r}"]
