@@ -28,6 +28,8 @@ LOGIT_METHODS = ("kd", "dkd")
 FEATURE_METHODS = ("at", "cwd", "mgd", "amd", "fitnet")
 # Feature methods that compare channels one to one need a student-to-teacher projection.
 NEEDS_PROJECTION = ("cwd", "mgd", "fitnet")
+# Feature methods that normalise over locations: constant, so silent, on a 1x1 map.
+SPATIAL_METHODS = ("at", "cwd", "amd")
 
 
 def parse_method(method: str) -> list[str]:
@@ -190,11 +192,12 @@ class Distiller(HardLabels):
             self.student(probe)
         self.student.train(was_training)
         student_maps = self.student_tap.take()
+        spatial = [part for part in self.feature_parts if part in SPATIAL_METHODS]
         for layer, student_map in zip(layers, student_maps):
-            if student_map.shape[-2:] == (1, 1):
+            if spatial and student_map.shape[-2:] == (1, 1):
                 print(f"warning: the student's {layer} feature map is 1x1 at {probe_size}px "
-                      f"input; {', '.join(self.feature_parts)} compare maps over locations "
-                      f"and will carry little or nothing there")
+                      f"input; {', '.join(spatial)} compare maps over locations "
+                      f"and carry nothing there")
         for teacher, tap, size in zip(self.teachers, self.teacher_taps,
                                       self.teacher_input_sizes):
             # At the teacher's own size: a ViT refuses any other.

@@ -71,6 +71,27 @@ def test_fitnet_of_a_teacher_initialised_student_starts_at_zero():
     assert terms["fitnet"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_a_1x1_map_warns_for_the_spatial_methods_only(capsys):
+    # ResNet18 at 32 px ends in a 1x1 map: attention transfer is then exactly zero (one
+    # location), while fitnet still regresses the 512 values.
+    torch.manual_seed(0)
+    teacher = build_model("resnet18", 5)
+    student = build_model("resnet18", 5)
+    views = {"lr": torch.randn(2, 3, 32, 32), "hr": torch.randn(2, 3, 32, 32)}
+    batch = {"labels": torch.tensor([0, 1]), "index": torch.arange(2)}
+    for method, warned in (("at", True), ("fitnet", False), ("kd+at+fitnet", True)):
+        objective = Distiller(student, [teacher], method, LossWeights(), probe_size=32).eval()
+        printed = capsys.readouterr().out
+        assert ("1x1" in printed) == warned, method
+        if warned:
+            assert "fitnet" not in printed and "at compare maps" in printed
+        _, terms = objective(views, batch)
+        if "at" in terms:
+            assert terms["at"].item() == pytest.approx(0.0, abs=1e-12)
+        if "fitnet" in terms:
+            assert terms["fitnet"].item() > 0
+
+
 def test_dkd_by_hand():
     # Label 0. Teacher probabilities [1/2, 1/4, 1/4], student [1/2, 3/8, 1/8] (T = 1).
     # TCKD: both binary distributions are [1/2, 1/2], so 0. NCKD: teacher non-target
