@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .cli import ToolError, progress_bar
-from .data import LR_RENDER_TOLERANCE, MIN_IMAGES_PER_CLASS, decode_image, pair_scale, \
-    read_test_table, read_train_table
-from .demo import downsample
+from .data import LR_RENDER_TOLERANCE, MIN_IMAGES_PER_CLASS, box_filter_differences, \
+    decode_image, pair_scale, read_test_table, read_train_table
 
 
 @dataclass
@@ -84,7 +83,9 @@ def check_dataset(data_dir: Path, pair_tolerance: float = 16.0) -> Report:
                                         lr_images, hr_images):
         if isinstance(lr, str) or isinstance(hr, str):
             continue
-        problem = _pair_problem(lr, hr, pair_tolerance, report.pair_differences)
+        difference, problem = _pair_problem(lr, hr, pair_tolerance)
+        if difference is not None:
+            report.pair_differences.append(difference)
         if problem:
             report.add("pairs", f"{lr_path} / {hr_path}: {problem}")
 
@@ -110,21 +111,19 @@ def check_dataset(data_dir: Path, pair_tolerance: float = 16.0) -> Report:
     return report
 
 
-def _pair_problem(lr: np.ndarray, hr: np.ndarray, tolerance: float,
-                  differences: list) -> str | None:
-    """Why an LR image and its HR twin do not look like one sample, or None; the mean
-    difference of the LR image from its box-filtered twin goes to ``differences``."""
+def _pair_problem(lr: np.ndarray, hr: np.ndarray,
+                  tolerance: float) -> tuple[float | None, str | None]:
+    """The mean difference of an LR image from its box-filtered HR twin (None when the sizes
+    do not allow one), and why the two do not look like one sample (None if they do)."""
     (lr_h, lr_w), (hr_h, hr_w) = lr.shape[:2], hr.shape[:2]
     scale = pair_scale((lr_h, lr_w), (hr_h, hr_w))
     if scale is None:
-        return (f"HR {hr_w}x{hr_h} is not the LR {lr_w}x{lr_h} scaled by one whole factor")
-    difference = float(np.abs(downsample(hr, scale).astype(np.float32)
-                               - lr.astype(np.float32)).mean())
-    differences.append(difference)
+        return None, f"HR {hr_w}x{hr_h} is not the LR {lr_w}x{lr_h} scaled by one whole factor"
+    difference = float(box_filter_differences(lr[None], hr[None], scale)[0])
     if difference > tolerance:
-        return (f"the HR image shrunk to LR size differs by {difference:.1f} grey levels on "
-                f"average (> {tolerance:g}): probably not the same sample")
-    return None
+        return difference, (f"the HR image shrunk to LR size differs by {difference:.1f} grey "
+                            f"levels on average (> {tolerance:g}): probably not the same sample")
+    return difference, None
 
 
 def _sizes_text(sizes: Counter) -> str:

@@ -403,14 +403,22 @@ def box_downsample(hr: torch.Tensor, scale: int) -> torch.Tensor:
 LR_RENDER_TOLERANCE = 1.0
 
 
+def box_filter_differences(lr: np.ndarray, hr: np.ndarray, scale: int) -> np.ndarray:
+    """Per image, the mean absolute difference in grey levels between (B, h, w, 3) LR
+    images and their (B, H, W, 3) HR twins box-filtered by ``scale``: about 0 when the LR
+    images were made that way (``make_demo_data.py``)."""
+    def channels_first(pixels):   # a copy: decoded images may be read-only arrays
+        return torch.tensor(pixels).permute(0, 3, 1, 2)
+    shrunk = box_downsample(channels_first(hr), scale).float()
+    return (shrunk - channels_first(lr).float()).abs().mean(dim=(1, 2, 3)).numpy()
+
+
 def lr_render_error(images: ImageSet, scale: int, limit: int = 512) -> float:
-    """Mean absolute difference, in grey levels, between the first ``limit`` training LR
-    images and their HR twins box-filtered by ``scale``: about 0 when the LR set was made
-    that way, so LR views rendered from HR twins look like the LR images."""
+    """Mean of ``box_filter_differences`` over the first ``limit`` training images: small
+    when LR views rendered from HR twins look like the LR images."""
     index = images.split.indices("train")[:limit]
-    hr = torch.from_numpy(np.ascontiguousarray(images.pixels["hr"][index])).permute(0, 3, 1, 2)
-    lr = torch.from_numpy(np.ascontiguousarray(images.pixels["lr"][index])).permute(0, 3, 1, 2)
-    return float((box_downsample(hr, scale).float() - lr.float()).abs().mean())
+    return float(box_filter_differences(images.pixels["lr"][index], images.pixels["hr"][index],
+                                        scale).mean())
 
 
 def render_lr_from_hr(hr: torch.Tensor, scale: int, generator: torch.Generator):
