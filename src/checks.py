@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .cli import ToolError, progress_bar
-from .data import LR_RENDER_TOLERANCE, MIN_IMAGES_PER_CLASS, box_filter_differences, \
-    decode_image, pair_scale, read_test_table, read_train_table
+from .data import MIN_IMAGES_PER_CLASS, decode_image, pair_scale, read_test_table, \
+    read_train_table
+from .lr_render import LR_RENDER_TOLERANCE, box_filter_differences
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .cli import progress_bar
-from .data import box_downsample
+from .lr_render import box_downsample
 
 COLOURS = {"red": (200, 60, 50), "green": (60, 160, 70), "blue": (60, 90, 200),
            "yellow": (215, 190, 60), "purple": (140, 70, 170)}

@@ -25,8 +25,8 @@ from . import distributed
 from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, save_torch, \
     write_csv, write_json
 from .backbones import is_transformer, library_of, library_version
-from .data import LR_RENDER_TOLERANCE, ImageSet, load_or_create_split, lr_render_error, \
-    pair_scale
+from .data import ImageSet, load_or_create_split, pair_scale
+from .lr_render import LR_RENDER_TOLERANCE, lr_render_error
 from .distill import Distiller, HardLabels, LossWeights, parse_method
 from .models import build_model, load_checkpoint, load_teacher
 from .plots import plot_comparison, plot_curves

@@ -33,7 +33,8 @@ from . import distributed
 from .backbones import layer_scales
 from .cli import ToolError, progress_bar, save_torch, write_csv, write_json
 from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
-    render_lr_from_hr, sample_view_params, view_grid
+    sample_view_params, view_grid
+from .lr_render import render_lr_from_hr
 from .metrics import classification_metrics
 from .mixing import mix_views, sample_mix_params
 from .models import capture_penultimate, save_checkpoint

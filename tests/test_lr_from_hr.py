@@ -9,8 +9,8 @@ from PIL import Image
 from torch import nn
 
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
-from src.data import ImageSet, batch_indices, epoch_generator, load_or_create_split, \
-    render_lr_from_hr
+from src.data import ImageSet, batch_indices, epoch_generator, load_or_create_split
+from src.lr_render import render_lr_from_hr
 from src.distill import HardLabels
 from src.trainer import FitConfig, Runtime, train_one_epoch
 
