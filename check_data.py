@@ -1,5 +1,7 @@
 """Inspect a dataset in the DACON layout before training: rows, images per class, image
-sizes, and every missing or unreadable file, mismatched LR/HR pair or label problem.
+sizes, how the LR images were made from their HR twins (the degradation), and every missing
+or unreadable file, mismatched LR/HR pair or label problem; with --unlabelled, a transfer
+set's images too.
 Exits 1 when it finds a problem, 2 when the layout itself is broken.
 
     python check_data.py --data-dir data
@@ -8,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from src.checks import check_dataset, print_report
-from src.cli import run_main
+from src.cli import ToolError, run_main
 
 
 def main() -> int:
@@ -20,8 +22,14 @@ def main() -> int:
                         help="largest mean difference, in grey levels, between an LR image and "
                              "its HR twin shrunk to LR size before the pair is reported as two "
                              "different samples")
+    parser.add_argument("--unlabelled", type=Path, default=None, metavar="PATH",
+                        help="also check a transfer set for train_kd_student.py --unlabelled "
+                             "(a folder of images or a CSV): every file readable, of the "
+                             "labelled images' size, and how many equal a labelled image")
     args = parser.parse_args()
-    report = check_dataset(args.data_dir, args.pair_tolerance)
+    if not args.pair_tolerance >= 0:
+        raise ToolError(f"--pair-tolerance must be at least 0 (got {args.pair_tolerance})")
+    report = check_dataset(args.data_dir, args.pair_tolerance, args.unlabelled)
     print_report(report)
     return 1 if report.problems else 0
 

@@ -10,6 +10,8 @@ split: give it --split-per-class N for a balanced subset of large data).
 
     python compare_recipes.py --recipes reference consistent --seeds 0 1 2 -- --epochs 30
     python compare_recipes.py --recipes reference 'dkd=--method dkd' 'at=--method kd+at'
+    python compare_recipes.py --recipes consistent \
+        'transfer=--recipe transfer --unlabelled data/unlabelled.csv' -- --epochs 30
     python compare_recipes.py --recipes consistent --teacher-ckpt runs/teacher/best.pt \
         runs_seed1/teacher/best.pt runs_seed2/teacher/best.pt -- --epochs 30
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 from src.cli import ToolError, require_at_least_one, run_main, split_passthrough
 from src.compare import compare_recipes
 from src.seeds import add_processes_argument
-from src.recipes import RECIPES
+from src.recipes import NEEDS_UNLABELLED, RECIPES
 
 
 def main() -> int:
@@ -37,9 +39,15 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, default=Path("runs"),
                         help="run folder with split.csv and the trained teacher; recipes go to "
                              "<out-dir>/recipes/")
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES),
+    parser.add_argument("--recipes", nargs="+",
+                        default=[name for name in RECIPES if name not in NEEDS_UNLABELLED],
                         help="presets (" + ", ".join(RECIPES) + ") or NAME=FLAGS, e.g. "
-                             "'dkd=--method dkd'")
+                             "'dkd=--method dkd'; a recipe with --unlabelled also gets a "
+                             "self-training baseline (the same images labelled by the seed's "
+                             "own LR baseline, no HR teacher); {seed} in FLAGS is the seed "
+                             "('round2=--recipe consistent --pseudo-teacher "
+                             "runs/recipes/transfer/seed{seed}/kd_student/best.pt "
+                             "--unlabelled data/test.csv')")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds (initialisation, data order, augmentation); the "
                              "split stays the one in <out-dir>")

@@ -35,6 +35,10 @@ def main() -> int:
     parser.add_argument("--test-images", type=int, default=50,
                         help="unlabelled LR images in test.csv (Fashion-MNIST: drawn from "
                              "images not in train.csv; their labels go to test_labels.csv)")
+    parser.add_argument("--unlabelled", type=int, default=0, metavar="N",
+                        help="also write N HR images without labels (unlabelled/, "
+                             "unlabelled.csv), disjoint from the labelled and test images: a "
+                             "transfer set for train_kd_student.py --unlabelled")
     parser.add_argument("--lr-size", type=int, default=16, help="side of the LR images in pixels")
     parser.add_argument("--scale", type=int, default=4,
                         help="HR side = scale x LR side (at least 2)")
@@ -45,6 +49,8 @@ def main() -> int:
     args = parser.parse_args()
     require_at_least_one({"--per-class": args.per_class, "--test-images": args.test_images,
                           "--lr-size": args.lr_size})
+    if args.unlabelled < 0:
+        raise ToolError(f"--unlabelled must be at least 0 (got {args.unlabelled})")
     if args.scale < 2:
         raise ToolError(f"--scale must be at least 2 (got {args.scale})")
     if not 1 <= args.classes <= len(class_names()):
@@ -55,16 +61,17 @@ def main() -> int:
     if args.fashion_mnist is not None:
         counts = write_fashion_mnist_dataset(args.fashion_mnist, args.out, args.per_class,
                                              args.test_images, args.lr_size, args.scale,
-                                             args.seed)
+                                             args.seed, unlabelled=args.unlabelled)
         print(f"wrote {counts['labelled']} labelled Fashion-MNIST images (10 classes, LR "
-              f"{args.lr_size}px, HR {hr_size}px) and {counts['test']} test images "
-              f"(labels in test_labels.csv) -> {args.out}")
+              f"{args.lr_size}px, HR {hr_size}px), {counts['test']} test images "
+              f"(labels in test_labels.csv) and {counts['unlabelled']} unlabelled HR images "
+              f"-> {args.out}")
         return 0
     write_demo_dataset(args.out, args.per_class, args.test_images, args.lr_size, args.scale,
-                       args.seed, args.classes)
+                       args.seed, args.classes, unlabelled=args.unlabelled)
     print(f"wrote {args.per_class * args.classes} labelled images ({args.classes} classes, "
-          f"LR {args.lr_size}px, HR {hr_size}px) and {args.test_images} test "
-          f"images -> {args.out}")
+          f"LR {args.lr_size}px, HR {hr_size}px), {args.test_images} test images and "
+          f"{args.unlabelled} unlabelled HR images -> {args.out}")
     return 0
 
 

@@ -10,13 +10,25 @@ from pathlib import Path
 
 from .cli import ToolError, require_at_least_one
 from .models import TESTED_ARCHS
-from .recipes import DEFAULT_RECIPE, RECIPES, recipe_defaults, recipe_text
+from .lr_render import DEGRADATIONS
+from .recipes import DEFAULT_RECIPE, NEEDS_UNLABELLED, RECIPES, recipe_defaults, \
+    recipe_text
 
 STAGES = {
     "teacher": {"resolution": "hr", "title": "HR teacher"},
     "student": {"resolution": "lr", "title": "LR baseline student"},
     "kd_student": {"resolution": "lr", "title": "LR KD student"},
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except for ``--no-X`` switches: their "(default: True)" (the
+    value of X) reads as if the switch were on by default."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, argparse._StoreFalseAction):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +64,7 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
         description=f"Train the {spec['title']} on the shared split; writes "
                     f"<out-dir>/{stage}/ (best.pt, last.pt, history.csv, config.json, "
                     f"train_summary.json).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     common_arguments(parser)
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50",
@@ -68,6 +80,10 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                             "the teacher-initialised student, every layer but a fresh "
                             "classification head; give the baseline the same for a fair "
                             "comparison) or the path of a state dict or checkpoint")
+    model.add_argument("--partial-weights", action="store_true",
+                       help="with --weights PATH (or teacher): start even if some of the "
+                            "model's tensors below the head are not in the file, leaving them "
+                            "at random (without it such a file is refused)")
     model.add_argument("--input-size", type=int, default=224,
                        help="network input size in pixels; images are resized to it "
                             "(an upsampled 64x64 image suits an ImageNet network far better "
@@ -109,13 +125,15 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
     # dest "monitor": its older name, kept in config.json and as an alias. Under torchrun
     # only --select-by works: torchrun reads --monitor as its own --monitor-interval.
     train.add_argument("--select-by", "--monitor", dest="monitor",
-                       choices=("val_loss", "val_acc", "last"), default="val_loss",
-                       help="what selects best.pt and drives early stopping; last: the final "
-                            "epoch's model (no selection on one noisy validation epoch; suits "
-                            "--schedule cosine); --monitor is its older name, which torchrun "
-                            "mistakes for its own --monitor-interval")
+                       choices=("val_loss", "val_acc", "val_macro_f1", "last"),
+                       default="val_loss",
+                       help="what selects best.pt and drives early stopping: validation loss "
+                            "(lowest), accuracy or macro-F1 (highest; DACON scores macro-F1); "
+                            "last: the final epoch's model (no selection on one noisy "
+                            "validation epoch; suits --schedule cosine); --monitor is its older "
+                            "name, which torchrun mistakes for its own --monitor-interval")
     train.add_argument("--no-hflip", dest="hflip", action="store_false",
-                       help="disable random horizontal flips")
+                       help="disable random horizontal flips (flips are on without this flag)")
     train.add_argument("--crop-scale", type=float, default=0.75,
                        help="random resized crop: smallest area fraction kept (1 = no crop)")
     train.add_argument("--mixup", type=float, default=0.0,
@@ -177,7 +195,8 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                         help="softmax temperature T of the soft targets (kd, dkd)")
         kd.add_argument("--alpha", type=float, default=None,
                         help="weight of the hard-label cross-entropy (default: 0.7 with kd, "
-                             "1.0 otherwise, as in the DKD and feature-method papers)")
+                             "1.0 otherwise, as in the DKD and feature-method papers; a "
+                             "preset's --alpha and --beta apply only with kd)")
         kd.add_argument("--beta", type=float, default=0.3,
                         help="kd: weight of T^2 * KL(teacher_T || student_T)")
         kd.add_argument("--dkd-alpha", type=float, default=1.0,
@@ -209,6 +228,31 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                              "teacher from the same shifted HR view (needs LR images that are "
                              "their HR twins box-filtered, as make_demo_data.py writes; "
                              "checked before training)")
+        kd.add_argument("--unlabelled", type=Path, default=None, metavar="PATH",
+                        help="a transfer set: images without labels that the teacher labels "
+                             "for the student (distillation terms only, no cross-entropy): a "
+                             "folder of HR (or, with --pseudo-teacher, LR) images, told apart "
+                             "by size, or a CSV with upscale_img_path and/or img_path, relative "
+                             "to its folder (DACON's test.csv works with --pseudo-teacher). "
+                             "HR images without an LR twin get one by --degradation; images "
+                             "equal to a labelled image of the split are dropped")
+        kd.add_argument("--unlabelled-ratio", type=float, default=1.0, metavar="R",
+                        help="unlabelled images per labelled image in each batch. One epoch "
+                             "stays one pass over the labelled training images; each batch "
+                             "of B labelled images takes R*B unlabelled ones, in turn from a "
+                             "shuffled pass over the unlabelled set that goes on across epochs "
+                             "(so an epoch costs about 1+R times a labelled-only one)")
+        kd.add_argument("--degradation", choices=("auto", *DEGRADATIONS), default="auto",
+                        help="how an unlabelled HR image without an LR twin gets one: box "
+                             "(block mean), or PIL's nearest, bilinear, bicubic or lanczos "
+                             "resize; auto: the one that best reproduces the labelled pairs' "
+                             "LR images (check_data.py lists each one's error)")
+        kd.add_argument("--pseudo-teacher", type=Path, nargs="+", default=None, metavar="CKPT",
+                        help="LR models (a student of an earlier round; several are averaged) "
+                             "as teachers instead of the HR teacher: they label the very LR "
+                             "view the student sees, so --unlabelled may hold LR images "
+                             "without HR twins (a Noisy Student round: the new student gets "
+                             "the augmentation and mixing of this recipe)")
         kd.add_argument("--teacher-cache", action="store_true",
                         help="kd/dkd with one teacher: compute its logits once on whole, "
                              "un-augmented HR images and reuse them every epoch: no teacher "
@@ -222,11 +266,11 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
 def test_parser(stage: str) -> argparse.ArgumentParser:
     spec = STAGES[stage]
     parser = argparse.ArgumentParser(
-        description=f"Evaluate the {spec['title']}'s best checkpoint on the test third of "
-                    f"the split; writes <out-dir>/{stage}/test_metrics.json and "
+        description=f"Evaluate the {spec['title']}'s best checkpoint on the test tenth of "
+                    f"the 8:1:1 split; writes <out-dir>/{stage}/test_metrics.json and "
                     f"test_predictions.csv. When all three stages are tested, also prints "
                     f"the comparison and writes the figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     common_arguments(parser)
     parser.add_argument("--ckpt", type=Path, default=None,
                         help=f"checkpoint to evaluate (default: <out-dir>/{stage}/best.pt)")
@@ -258,7 +302,7 @@ FLAG_BOUNDS = {
     "cwd_weight": (0, None, True, True), "cwd_tau": (0, None, False, True),
     "mgd_weight": (0, None, True, True), "mgd_mask": (0, 1, True, False),
     "amd_weight": (0, None, True, True), "fitnet_weight": (0, None, True, True),
-    "layer_decay": (0, 1, False, True),
+    "layer_decay": (0, 1, False, True), "unlabelled_ratio": (0, None, False, True),
 }
 
 
@@ -286,6 +330,10 @@ def check_arguments(args) -> None:
                             f"{_bounds_text(low, high, low_in, high_in)} (got {value})")
     if getattr(args, "min_lr", None) is not None and args.min_lr > args.lr:
         raise ToolError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if getattr(args, "recipe", None) in NEEDS_UNLABELLED and hasattr(args, "unlabelled") \
+            and args.unlabelled is None:
+        raise ToolError(f"--recipe {args.recipe} needs --unlabelled PATH: images without labels "
+                        f"for the teacher to label (a folder, or a CSV with upscale_img_path)")
     if getattr(args, "schedule", None) == "cosine" and args.warmup_epochs >= args.epochs:
         raise ToolError(f"--warmup-epochs {args.warmup_epochs} leaves nothing of --epochs "
                         f"{args.epochs} for the cosine decay")
@@ -304,7 +352,29 @@ def jsonable(args: argparse.Namespace) -> dict:
 def parse_train_arguments(stage: str, argv=None) -> argparse.Namespace:
     """The train script's arguments with its ``--recipe``'s defaults filled in."""
     parser = train_parser(stage)
-    recipe = parser.parse_args(argv).recipe
-    destinations = {action.dest for action in parser._actions}
-    parser.set_defaults(**recipe_defaults(recipe, destinations, stage))
+    parser.set_defaults(**_preset_for(parser, stage, argv))
     return parser.parse_args(argv)
+
+
+def _preset_for(parser: argparse.ArgumentParser, stage: str, argv) -> dict:
+    """The ``--recipe`` preset's settings that apply to this stage and these flags. A
+    preset's ``alpha`` and ``beta`` weigh the kd term against the cross-entropy: with no kd
+    term (``--method dkd``, ``at``, ...) they are left out, so alpha keeps its per-method
+    default (1.0) instead of cutting the cross-entropy with nothing to take the rest."""
+    first = parser.parse_args(argv)
+    preset = recipe_defaults(first.recipe, {action.dest for action in parser._actions}, stage)
+    if stage == "kd_student" and "kd" not in first.method.lower().split("+"):
+        preset = {key: value for key, value in preset.items() if key not in ("alpha", "beta")}
+    return preset
+
+
+def preset_overrides(stage: str, argv) -> list[str]:
+    """One line per flag given explicitly that replaces a value of the ``--recipe`` preset."""
+    parser = train_parser(stage)
+    preset, args = _preset_for(parser, stage, argv), parse_train_arguments(stage, argv)
+    given = {token.split("=")[0] for token in argv if token.startswith("--")}
+    return [f"note: {action.option_strings[0]} {getattr(args, action.dest)} replaces the "
+            f"{args.recipe} preset's {preset[action.dest]}"
+            for action in parser._actions
+            if action.dest in preset and given & set(action.option_strings)
+            and getattr(args, action.dest) != preset[action.dest]]

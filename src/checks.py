@@ -17,7 +17,9 @@ import numpy as np
 from .cli import ToolError, progress_bar
 from .data import MIN_IMAGES_PER_CLASS, decode_image, pair_scale, read_test_table, \
     read_train_table
-from .lr_render import LR_RENDER_TOLERANCE, box_filter_differences
+from .lr_render import LR_RENDER_TOLERANCE, box_filter_differences, degradation_errors, \
+    degradation_warning
+from .transfer import equal_to_labelled, primary_resolution, read_unlabelled
 
 
 @dataclass
@@ -30,6 +32,11 @@ class Report:
     problems: dict = field(default_factory=dict)   # kind -> list of messages
     # Mean grey-level difference of each LR image from its HR twin box-filtered to LR size.
     pair_differences: list = field(default_factory=list)
+    # Per degradation (lr_render.DEGRADATIONS), its mean error on a sample of the pairs.
+    degradation_errors: dict = field(default_factory=dict)
+    degradation_pairs: int = 0
+    # --unlabelled: how many images, of which resolution, and how many equal labelled ones.
+    unlabelled: dict | None = None
 
     def add(self, kind: str, message: str) -> None:
         self.problems.setdefault(kind, []).append(message)
@@ -57,7 +64,39 @@ def _size(pixels: np.ndarray) -> tuple[int, int]:
     return int(pixels.shape[1]), int(pixels.shape[0])
 
 
-def check_dataset(data_dir: Path, pair_tolerance: float = 16.0) -> Report:
+# Labelled pairs on which each degradation is measured (PIL resizes: a few seconds).
+DEGRADATION_PAIRS = 512
+
+
+def _check_unlabelled(report: Report, path: Path, lr_images: list, hr_images: list) -> None:
+    """What --unlabelled PATH holds, as the KD stage will read it: every file decoded, sizes
+    against the labelled images', and how many equal a labelled image (the stage drops
+    those). A folder or CSV it cannot read at all stops with a ToolError."""
+    sizes = {kind: report.sizes[kind].most_common(1)[0][0][0]
+             for kind in ("LR", "HR") if report.sizes[kind]}
+    source = read_unlabelled(path, sizes.get("LR"), sizes.get("HR"))
+    labelled = {"lr": lr_images, "hr": hr_images}
+    info = {"path": str(path), "images": 0, "resolutions": sorted(source.paths),
+            "duplicates": 0}
+    for resolution, relative_paths in source.paths.items():
+        decoded = _decode_many([source.base / item for item in relative_paths],
+                               f"unlabelled {resolution.upper()} images")
+        info["images"] = len(decoded)
+        side = sizes.get(resolution.upper())
+        for relative, pixels in zip(relative_paths, decoded):
+            if isinstance(pixels, str):
+                report.add("unlabelled", pixels)
+            elif side is not None and pixels.shape[:2] != (side, side):
+                report.add("unlabelled", f"{source.base / relative} is {pixels.shape[1]}x"
+                                         f"{pixels.shape[0]}, but labelled "
+                                         f"{resolution.upper()} images are {side}x{side}")
+        if resolution == primary_resolution(source):
+            info["duplicates"] = int(equal_to_labelled(decoded, labelled[resolution]).sum())
+    report.unlabelled = info
+
+
+def check_dataset(data_dir: Path, pair_tolerance: float = 16.0,
+                  unlabelled: Path | None = None) -> Report:
     data_dir = Path(data_dir)
     table = read_train_table(data_dir)
     report = Report(rows=len(table), class_counts=Counter(table["label"]))
@@ -80,6 +119,7 @@ def check_dataset(data_dir: Path, pair_tolerance: float = 16.0) -> Report:
             report.add("sizes", f"{kind} images come in {len(report.sizes[kind])} sizes "
                                 f"(most are {common[0]}x{common[1]}); training needs one size")
 
+    sample = []         # well-formed pairs of one scale, for the degradation errors
     for lr_path, hr_path, lr, hr in zip(table["img_path"], table["upscale_img_path"],
                                         lr_images, hr_images):
         if isinstance(lr, str) or isinstance(hr, str):
@@ -87,8 +127,19 @@ def check_dataset(data_dir: Path, pair_tolerance: float = 16.0) -> Report:
         difference, problem = _pair_problem(lr, hr, pair_tolerance)
         if difference is not None:
             report.pair_differences.append(difference)
+            if not problem and len(sample) < DEGRADATION_PAIRS and (
+                    not sample or sample[0][0].shape == lr.shape
+                    and sample[0][1].shape == hr.shape):
+                sample.append((lr, hr))
         if problem:
             report.add("pairs", f"{lr_path} / {hr_path}: {problem}")
+    if sample:
+        lr_sample, hr_sample = (np.stack(side) for side in zip(*sample))
+        scale = pair_scale(lr_sample.shape[1:3], hr_sample.shape[1:3])
+        report.degradation_errors = degradation_errors(lr_sample, hr_sample, scale)
+        report.degradation_pairs = len(sample)
+    if unlabelled is not None:
+        _check_unlabelled(report, unlabelled, lr_images, hr_images)
 
     try:
         test_table = read_test_table(data_dir)
@@ -149,6 +200,22 @@ def print_report(report: Report, limit: int = 10) -> None:
         print(f"LR images vs their HR twins box-filtered to LR size: {difference:.2f} grey "
               f"levels apart on average (--lr-from-hr {verdict} be used: it needs at most "
               f"{LR_RENDER_TOLERANCE:g})")
+    if report.degradation_errors:
+        best = next(iter(report.degradation_errors))
+        listing = ", ".join(f"{name} {error:.2f}"
+                            for name, error in report.degradation_errors.items())
+        print(f"LR images vs their HR twins degraded each way, mean grey-level error on "
+              f"{report.degradation_pairs} pairs: {listing}; best: {best} (what "
+              f"train_kd_student.py --degradation auto uses for unlabelled HR images)")
+        warning = degradation_warning(report.degradation_errors, best)
+        if warning:
+            print(f"WARNING: {warning}")
+    if report.unlabelled is not None:
+        info = report.unlabelled
+        print(f"unlabelled ({info['path']}): {info['images']} images, "
+              f"{' + '.join(kind.upper() for kind in info['resolutions'])}"
+              + (f"; {info['duplicates']} equal a labelled image (train_kd_student.py drops "
+                 f"them)" if info["duplicates"] else ""))
     if not report.problems:
         print("no problems found")
         return

@@ -28,7 +28,7 @@ from .predict import holdout_scores, predict_test_set, read_holdout_labels, scor
 from .recipes import RECIPES
 from .seeds import run_stage_in
 from .arguments import check_arguments, jsonable, parse_train_arguments, train_parser
-from .stages import load_saved_split
+from .stages import load_saved_split, with_teacher_weights
 from .stats import gap_closed, mean_and_std
 from .trainer import Runtime
 
@@ -71,10 +71,26 @@ def baseline_flags(flags: list[str]) -> list[str]:
     return kept
 
 
-def _with_teacher(flags: list[str], teacher: Path) -> list[str]:
-    """``--weights teacher`` names the (first) teacher's file: the runs live elsewhere."""
-    return [str(teacher) if token == "teacher" and index and flags[index - 1] == "--weights"
-            else token for index, token in enumerate(flags)]
+def uses_flag(flags: list[str], flag: str) -> bool:
+    return any(token.split("=")[0] == flag for token in flags)
+
+
+def uses_unlabelled(flags: list[str]) -> bool:
+    """A transfer set labelled by the HR teacher: such a recipe gets a self-training
+    baseline (a recipe with its own --pseudo-teacher is one already)."""
+    return uses_flag(flags, "--unlabelled") and not uses_flag(flags, "--pseudo-teacher")
+
+
+def for_seed(flags: list[str], seed: int) -> list[str]:
+    """``{seed}`` in a recipe's flags names the seed (a pseudo-teacher of the same seed)."""
+    return [token.replace("{seed}", str(seed)) for token in flags]
+
+
+def self_training_flags(flags: list[str], seed: int, baseline_run: Path) -> list[str]:
+    """A recipe's flags for its self-training baseline: the same unlabelled images and
+    training, with the seed's own LR baseline as the (pseudo-)teacher and no HR teacher."""
+    return [*flags, "--seed", str(seed), "--pseudo-teacher",
+            str(Path(baseline_run) / "student" / "best.pt")]
 
 
 def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list[int],
@@ -105,7 +121,10 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
         raise ToolError(f"--versus {versus!r} is not one of --recipes")
     # Every recipe's settings are checked before any training starts.
     for name, flags in recipes.items():
-        for stage, stage_flags in (("kd_student", flags), ("student", baseline_flags(flags))):
+        checks = [("kd_student", for_seed(flags, seeds[0])), ("student", baseline_flags(flags))]
+        if uses_unlabelled(flags):
+            checks.append(("kd_student", self_training_flags(flags, 0, Path("baseline"))))
+        for stage, stage_flags in checks:
             try:
                 check_arguments(parse_train_arguments(stage, [*common, *stage_flags]))
             except SystemExit:
@@ -125,20 +144,31 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
                                          out_dir / "cache", "TEST-HR", 256, runtime)
     baselines: dict[str, str] = {}      # baseline settings -> recipe folder that trains it
     folders = {}                        # recipe -> (its baseline's folder, its own folder)
+    self_training = {}                  # recipe with --unlabelled -> its self-training folder
     for name, flags in recipes.items():
-        flags = _with_teacher([*common, *flags], teachers[0])
+        # --weights teacher (a flag or a preset's) starts from the first teacher's file.
+        flags = with_teacher_weights("kd_student", [*common, *flags], teachers[0])
         recipes[name] = flags
         student_flags = baseline_flags(flags)
         settings = jsonable(parse_train_arguments("student", student_flags))
         owner = baselines.setdefault(json.dumps(settings, sort_keys=True), name)
         folders[name] = (out_dir / "recipes" / owner, out_dir / "recipes" / name)
+        if uses_unlabelled(flags):
+            self_training[name] = out_dir / "recipes" / f"{name}.self-training"
         for seed in seeds:
             seed_flags = ["--seed", str(seed)]
-            run_stage_in(folders[name][0] / f"seed{seed}", "student", out_dir, data_dir,
+            baseline_run = folders[name][0] / f"seed{seed}"
+            run_stage_in(baseline_run, "student", out_dir, data_dir,
                          [*student_flags, *seed_flags], f"{owner}: baseline, seed {seed}",
                          processes)
+            if name in self_training:
+                run_stage_in(self_training[name] / f"seed{seed}", "kd_student", out_dir,
+                             data_dir, self_training_flags(flags, seed, baseline_run),
+                             f"{name}: self-training baseline, seed {seed}", processes)
+            # LR pseudo-teachers replace the HR teacher(s) of a recipe that names them.
+            teachers_of = [] if uses_flag(flags, "--pseudo-teacher") else teacher_flags
             run_stage_in(folders[name][1] / f"seed{seed}", "kd_student", out_dir, data_dir,
-                         [*flags, *seed_flags, *teacher_flags],
+                         [*for_seed(flags, seed), *seed_flags, *teachers_of],
                          f"{name}: KD student, seed {seed}", processes)
     results = {}
     for name, (baseline_folder, kd_folder) in folders.items():
@@ -148,6 +178,9 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
                 baseline_folder, "student", seeds, data_dir, out_dir, holdout)
         results[kd_folder, "kd_student"] = _seed_results(kd_folder, "kd_student", seeds,
                                                          data_dir, out_dir, holdout)
+        if name in self_training:
+            results[self_training[name], "kd_student"] = _seed_results(
+                self_training[name], "kd_student", seeds, data_dir, out_dir, holdout)
     rows = []
     for name, (baseline_folder, kd_folder) in folders.items():
         row = {"recipe": name, "flags": recipes[name], "baseline_folder": str(baseline_folder),
@@ -158,6 +191,16 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
             row["against"][against] = compare_runs(results[folder, "student"],
                                                    results[kd_folder, "kd_student"],
                                                    teacher_metrics, teacher_holdout, resamples)
+        if name in self_training:
+            # What the HR teacher adds beyond the unlabelled images themselves, and what
+            # those images give without it.
+            self_trained = results[self_training[name], "kd_student"]
+            row["against"]["self-training"] = compare_runs(
+                self_trained, results[kd_folder, "kd_student"], teacher_metrics,
+                teacher_holdout, resamples)
+            row["self_training"] = {"folder": str(self_training[name]), "against_own": compare_runs(
+                results[baseline_folder, "student"], self_trained, teacher_metrics,
+                teacher_holdout, resamples), "accuracy": [run["accuracy"] for run in self_trained]}
         row["per_seed"] = [{"seed": seed, "baseline_accuracy": base["accuracy"],
                             "kd_accuracy": kd["accuracy"], "baseline_seconds":
                             base["train_seconds"], "kd_seconds": kd["train_seconds"],
@@ -166,7 +209,14 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
                                if holdout is not None else {})}
                            for seed, base, kd in zip(seeds, results[baseline_folder, "student"],
                                                      results[kd_folder, "kd_student"])]
-        row["curves"] = str(plot_recipe_curves(name, baseline_folder, kd_folder, seeds))
+        if name in self_training:
+            for entry, run in zip(row["per_seed"], results[self_training[name], "kd_student"]):
+                entry["self_training_accuracy"] = run["accuracy"]
+                entry["self_training_seconds"] = run["train_seconds"]
+                if holdout is not None:
+                    entry["self_training_holdout_accuracy"] = run["holdout"]["accuracy"]
+        row["curves"] = str(plot_recipe_curves(name, baseline_folder, kd_folder, seeds,
+                                               self_training.get(name)))
         rows.append(row)
     summary = {"teacher": {key: teacher_metrics[key] for key in ("accuracy", "macro_f1", "n")},
                "teacher_checkpoints": [str(ckpt) for ckpt in teachers],
@@ -244,13 +294,15 @@ def compare_runs(baseline: list[dict], kd: list[dict], teacher: dict,
 
 
 def plot_recipe_curves(name: str, baseline_folder: Path, kd_folder: Path,
-                       seeds: list[int]) -> Path:
-    """Validation accuracy per epoch of the recipe's baseline and KD student, each the
-    mean over seeds (epochs that every seed ran)."""
+                       seeds: list[int], self_training_folder: Path | None = None) -> Path:
+    """Validation accuracy per epoch of the recipe's baseline, self-training baseline (if
+    any) and KD student, each the mean over seeds (epochs that every seed ran)."""
     curves = {}
     over = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
-    for label, folder, stage in (("baseline", baseline_folder, "student"),
-                                 ("KD student", kd_folder, "kd_student")):
+    runs = [("baseline", baseline_folder, "student")] + (
+        [("self-training", self_training_folder, "kd_student")] if self_training_folder
+        else []) + [("KD student", kd_folder, "kd_student")]
+    for label, folder, stage in runs:
         histories = [pd.read_csv(folder / f"seed{seed}" / stage / "history.csv")
                      for seed in seeds]
         epochs = min(len(history) for history in histories)
@@ -295,21 +347,13 @@ def recipes_table(summary: dict) -> str:
     lines = [header, "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
              + (" ---: | ---: | --- | ---: |" if holdout else "")]
     for row in summary["recipes"]:
-        for against, compared in row["against"].items():
-            test = compared["test"]
-            acc, f1 = test["accuracy"], test["macro_f1"]
-            baseline = "own" if against == "own" else f"{versus}'s"
-            line = (f"| {row['recipe']} | {baseline} | "
-                    f"{_pm(acc['baseline'])} | {_pm(acc['kd'])} | "
-                    f"{_pm(acc['difference'], True)} {_interval(acc['image_interval'])} "
-                    f"{_interval(acc['seed_interval'])} | {_share(acc['gap_closed'])} | "
-                    f"{_pm(f1['baseline'])} | {_pm(f1['kd'])} | {_share(f1['gap_closed'])} |")
-            if holdout:
-                held = compared["holdout"]["accuracy"]
-                line += (f" {_pm(held['baseline'])} | {_pm(held['kd'])} | "
-                         f"{_pm(held['difference'], True)} {_interval(held['image_interval'])} | "
-                         f"{_share(held['gap_closed'])} |")
-            lines.append(line)
+        entries = [(row["recipe"], {"own": "own", "self-training": "self-training"}.get(
+            against, f"{versus}'s"), compared) for against, compared in row["against"].items()]
+        if "self_training" in row:
+            entries.append((f"{row['recipe']}: self-training", "own",
+                            row["self_training"]["against_own"]))
+        for recipe, baseline, compared in entries:
+            lines.append(_table_line(recipe, baseline, compared, holdout))
     lines.append("")
     lines.append("Per seed (accuracy on the split's test images, baseline -> KD"
                  + ("; held-out" if holdout else "") + "; training seconds):")
@@ -320,6 +364,10 @@ def recipes_table(summary: dict) -> str:
             + (f" (held-out {100 * s['baseline_holdout_accuracy']:.2f} -> "
                f"{100 * s['kd_holdout_accuracy']:.2f})" if holdout else "")
             + f", {s['baseline_seconds']:.0f} s + {s['kd_seconds']:.0f} s"
+            + (f"; self-training {100 * s['self_training_accuracy']:.2f}"
+               + (f" (held-out {100 * s['self_training_holdout_accuracy']:.2f})"
+                  if holdout else "") + f", {s['self_training_seconds']:.0f} s"
+               if "self_training_accuracy" in s else "")
             for s in row["per_seed"]))
     lines.append("")
     checkpoints = summary.get("teacher_checkpoints", [])
@@ -342,6 +390,21 @@ def recipes_table(summary: dict) -> str:
               f"twins." if summary["teacher_holdout"] else "; no HR twins, so no teacher score "
               "and no gap there.") if holdout else ""))
     return "\n".join(lines)
+
+
+def _table_line(recipe: str, baseline: str, compared: dict, holdout) -> str:
+    """One row of the recipes table: a student against one baseline."""
+    acc, f1 = compared["test"]["accuracy"], compared["test"]["macro_f1"]
+    line = (f"| {recipe} | {baseline} | {_pm(acc['baseline'])} | {_pm(acc['kd'])} | "
+            f"{_pm(acc['difference'], True)} {_interval(acc['image_interval'])} "
+            f"{_interval(acc['seed_interval'])} | {_share(acc['gap_closed'])} | "
+            f"{_pm(f1['baseline'])} | {_pm(f1['kd'])} | {_share(f1['gap_closed'])} |")
+    if holdout:
+        held = compared["holdout"]["accuracy"]
+        line += (f" {_pm(held['baseline'])} | {_pm(held['kd'])} | "
+                 f"{_pm(held['difference'], True)} {_interval(held['image_interval'])} | "
+                 f"{_share(held['gap_closed'])} |")
+    return line
 
 
 def _pm(value, signed: bool = False) -> str:

@@ -68,12 +68,30 @@ def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
     return box_downsample(pixels, scale)[0].permute(1, 2, 0).numpy()
 
 
+def write_unlabelled_images(out_dir: Path, hr_images) -> int:
+    """HR images without labels or LR twins: ``unlabelled/UNL_<n>.png`` and
+    ``unlabelled.csv`` (``upscale_img_path`` only), a transfer set for ``--unlabelled``.
+    Writes nothing for none; returns how many."""
+    rows = []
+    for number, hr in enumerate(hr_images):
+        name = f"UNL_{number:05d}.png"
+        (Path(out_dir) / "unlabelled").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(hr).save(Path(out_dir) / "unlabelled" / name)
+        rows.append({"upscale_img_path": f"./unlabelled/{name}"})
+    if rows:
+        pd.DataFrame(rows).to_csv(Path(out_dir) / "unlabelled.csv", index=False)
+    return len(rows)
+
+
 def write_demo_dataset(out_dir: Path, per_class: int = 40, test_images: int = 50,
                        lr_size: int = 16, scale: int = 4, seed: int = 0,
-                       num_classes: int = 25, progress: bool = True) -> Path:
+                       num_classes: int = 25, progress: bool = True,
+                       unlabelled: int = 0) -> Path:
     """Write train.csv, test.csv, train/, upscale_train/, test/ under ``out_dir``, and the
     test images' labels and HR twins (test_labels.csv, upscale_test/: not part of the
-    DACON layout, they let compare_recipes.py score on held-out images).
+    DACON layout, they let compare_recipes.py score on held-out images); with
+    ``unlabelled``, that many further HR images of random classes, without labels
+    (``write_unlabelled_images``), drawn after the others so those stay the same.
 
     Deterministic for a seed. Returns ``out_dir``.
     """
@@ -109,4 +127,10 @@ def write_demo_dataset(out_dir: Path, per_class: int = 40, test_images: int = 50
                             "upscale_img_path": f"./upscale_test/{name}"})
     pd.DataFrame(test_rows).to_csv(out_dir / "test.csv", index=False)
     pd.DataFrame(test_labels).to_csv(out_dir / "test_labels.csv", index=False)
+
+    def unlabelled_hr():
+        for _ in range(unlabelled):
+            colour, texture = classes[rng.integers(len(classes))].split("_")
+            yield render_hr(rng, hr_size, colour, texture, scale)
+    write_unlabelled_images(out_dir, unlabelled_hr())
     return out_dir

@@ -66,11 +66,15 @@ class LossWeights:
 def hard_label_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Cross-entropy with the batch's labels; on a mixed batch, ``lam`` of it with each
     image's own label (``labels``) and ``1 - lam`` with its partner's (``partner_labels``)."""
-    loss = F.cross_entropy(logits.float(), batch["labels"])
+    # Unlabelled rows of a transfer set (label -1) take no part; the mean is over the rest
+    # (none left: zero, not the NaN of an empty mean).
+    if not (batch["labels"] >= 0).any():
+        return logits.float().sum() * 0
+    loss = F.cross_entropy(logits.float(), batch["labels"], ignore_index=-1)
     mix = batch.get("mix")
     if mix is None:
         return loss
-    partner_loss = F.cross_entropy(logits.float(), batch["partner_labels"])
+    partner_loss = F.cross_entropy(logits.float(), batch["partner_labels"], ignore_index=-1)
     return mix.lam * loss + (1 - mix.lam) * partner_loss
 
 
@@ -144,14 +148,18 @@ class Distiller(HardLabels):
     ``alpha * CE`` + the logit term (``kd``: ``beta * T^2 * KL``; ``dkd``) on the teachers'
     averaged soft targets + each feature term, averaged over teachers with their weights.
     The student sees the LR view, every teacher the HR view of the same sample, crop and
-    flip. With ``cached_teacher_logits`` (N, classes) the soft targets come from logits
-    computed once on whole un-augmented HR images instead (logit methods only).
+    flip (``teacher_resolution`` "lr": LR pseudo-teachers, which see the student's own
+    view). With ``cached_teacher_logits`` (N, classes) the soft targets come from logits
+    computed once on whole un-augmented images instead (logit methods only). Rows labelled
+    -1 (a transfer set) get every distillation term and no cross-entropy.
     """
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], method: str,
                  weights: LossWeights, teacher_input_sizes: list[int] | None = None,
-                 cached_teacher_logits: torch.Tensor | None = None, probe_size: int = 64):
+                 cached_teacher_logits: torch.Tensor | None = None, probe_size: int = 64,
+                 teacher_resolution: str = "hr"):
         super().__init__(student, "lr")
+        self.teacher_resolution = teacher_resolution
         self.parts = parse_method(method)
         self.weights = weights
         self.feature_parts = [part for part in self.parts if part in FEATURE_METHODS]
@@ -223,7 +231,7 @@ class Distiller(HardLabels):
             return [self.cached_teacher_logits[batch["index"]]], []
         logits, features = [], []
         for number, teacher in enumerate(self.teachers):
-            view = views["hr"]
+            view = views[self.teacher_resolution]
             size = self.teacher_input_sizes[number]
             if size and view.shape[-1] != size:
                 # Teachers of other input sizes get the same view, resized: still paired.
@@ -248,6 +256,8 @@ class Distiller(HardLabels):
             if "kd" in self.parts:
                 terms["kd"] = w.beta * kd_loss_from_probs(student_logits, probs, w.temperature)
             else:
+                # An unlabelled row's target class is the teachers' top class.
+                labels = torch.where(labels >= 0, labels, probs.argmax(1))
                 terms["dkd"] = self.epoch_factor * dkd_loss_from_probs(
                     student_logits, probs, labels, w.temperature, w.dkd_alpha, w.dkd_beta)
         if self.feature_parts:

@@ -133,6 +133,20 @@ def share(batch_size: int, context: Context | None = None) -> slice:
     return slice(start, start + base + (context.rank < extra))
 
 
+def share_groups(sizes, context: Context | None = None):
+    """This process's rows of a global batch made of consecutive groups (labelled rows,
+    then unlabelled ones): its ``share`` of each group, so every process gets both kinds.
+    One group gives ``share``'s slice."""
+    if len(sizes) == 1:
+        return share(sizes[0], context)
+    rows, start = [], 0
+    for size in sizes:
+        part = share(size, context)
+        rows.append(torch.arange(start + part.start, start + part.stop))
+        start += size
+    return torch.cat(rows)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes, in place (the tensor lives on this process's device)."""
     if _context.enabled:

@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from .cli import ToolError, progress_bar
-from .demo import downsample
+from .demo import downsample, write_unlabelled_images
 
 CLASS_NAMES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle_boot")
@@ -72,9 +72,11 @@ def read_fashion_mnist(idx_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def write_fashion_mnist_dataset(idx_dir: Path, out_dir: Path, per_class: int,
                                 test_images: int, lr_size: int, scale: int, seed: int = 0,
-                                progress: bool = True) -> dict:
+                                progress: bool = True, unlabelled: int = 0) -> dict:
     """Write train.csv (``per_class`` images of each class), test.csv (``test_images`` other
-    images, unlabelled), test_labels.csv and the image folders. Returns counts."""
+    images, unlabelled), test_labels.csv and the image folders; with ``unlabelled``, also
+    that many further HR images (``unlabelled/``, ``unlabelled.csv``: no labels anywhere),
+    disjoint from both. Returns counts."""
     images, labels = read_fashion_mnist(idx_dir)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
@@ -88,9 +90,10 @@ def write_fashion_mnist_dataset(idx_dir: Path, out_dir: Path, per_class: int,
     labelled = np.sort(np.concatenate(chosen))
     rest = np.setdiff1d(order, labelled, assume_unique=True)
     rest = order[np.isin(order, rest)]        # keep the random order for the test draw
-    if test_images > len(rest):
-        raise ToolError(f"--test-images {test_images}: only {len(rest)} images are left after "
-                        f"the labelled ones")
+    if test_images + unlabelled > len(rest):
+        raise ToolError(f"--test-images {test_images} + --unlabelled {unlabelled}: only "
+                        f"{len(rest)} images are left after the labelled ones")
+    transfer = rest[test_images:test_images + unlabelled]
     unlabelled = rest[:test_images]
 
     out_dir = Path(out_dir)
@@ -128,5 +131,7 @@ def write_fashion_mnist_dataset(idx_dir: Path, out_dir: Path, per_class: int,
     pd.DataFrame(test_rows, columns=["ID", "img_path"]).to_csv(out_dir / "test.csv", index=False)
     pd.DataFrame(test_labels, columns=["ID", "label", "upscale_img_path"]).to_csv(
         out_dir / "test_labels.csv", index=False)
-    return {"labelled": len(rows), "test": len(test_rows), "classes": len(CLASS_NAMES),
+    write_unlabelled_images(out_dir, (hr_twin(position) for position in transfer))
+    return {"labelled": len(rows), "test": len(test_rows), "unlabelled": len(transfer),
+            "classes": len(CLASS_NAMES),
             "lr_size": lr_size, "hr_size": hr_size}

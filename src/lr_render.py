@@ -1,12 +1,15 @@
 """LR images rendered from HR twins: the box filter that makes an LR image from its HR twin
-(``make_demo_data.py``), how far a data set's LR images are from it, and ``--lr-from-hr``'s
-views at sub-pixel phases the LR set does not hold."""
+(``make_demo_data.py``), the other degradations a data set's LR images may have been made
+with (``--degradation``, for unlabelled HR images without an LR twin), how far a data set's
+LR images are from each, and ``--lr-from-hr``'s views at sub-pixel phases the LR set does
+not hold."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .data import ImageSet
 
@@ -20,6 +23,56 @@ def box_downsample(hr: torch.Tensor, scale: int) -> torch.Tensor:
 # Mean grey-level difference allowed between the LR images and their box-filtered HR twins
 # for --lr-from-hr: rounding alone (another library's box filter) stays well below it.
 LR_RENDER_TOLERANCE = 1.0
+
+
+# How an LR image may have been made from its HR twin. box: the mean of each scale x scale
+# block (also what an "area" resize does at a whole factor); the others are PIL's resize
+# filters, which widen their kernel when shrinking (antialiased). Each maps (H, W, 3) uint8
+# HR images to (H/scale, W/scale, 3).
+PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+DEGRADATIONS = ("box", *PIL_FILTERS)
+# When a degradation is too far from the labelled pairs (LR images made with it would look
+# unlike the images the student is tested on): a mean grey-level error more than
+# DEGRADATION_SLACK above the best degradation's, or above DEGRADATION_WARNING at all. JPEG
+# rounding alone leaves about 2 grey levels on 16 px images made exactly the right way.
+DEGRADATION_SLACK = 1.0
+DEGRADATION_WARNING = 5.0
+
+
+def degradation_warning(errors: dict[str, float], chosen: str) -> str | None:
+    """Why LR twins made by ``chosen`` would not look like the data (None if they would);
+    ``errors`` as ``degradation_errors`` returns them, best first."""
+    best = next(iter(errors))
+    if errors[chosen] > errors[best] + DEGRADATION_SLACK:
+        return (f"the {chosen} degradation differs from the labelled LR images by "
+                f"{errors[chosen]:.1f} grey levels on average, {best} by {errors[best]:.1f}")
+    if errors[chosen] > DEGRADATION_WARNING:
+        return (f"no degradation reproduces the labelled LR images: the best, {best}, differs "
+                f"by {errors[best]:.1f} grey levels on average (more than "
+                f"{DEGRADATION_WARNING:g}); give the unlabelled images with their LR twins")
+    return None
+
+
+def degrade(hr: np.ndarray, scale: int, degradation: str) -> np.ndarray:
+    """(N, H, W, 3) ``uint8`` HR images shrunk by ``scale`` the way ``degradation`` names."""
+    if degradation == "box":
+        pixels = torch.tensor(np.asarray(hr)).permute(0, 3, 1, 2)
+        return box_downsample(pixels, scale).permute(0, 2, 3, 1).numpy()
+    height, width = hr.shape[1] // scale, hr.shape[2] // scale
+    return np.stack([np.asarray(Image.fromarray(np.asarray(image)).resize(
+        (width, height), PIL_FILTERS[degradation])) for image in hr]) if len(hr) \
+        else np.empty((0, height, width, 3), np.uint8)
+
+
+def degradation_errors(lr: np.ndarray, hr: np.ndarray, scale: int) -> dict[str, float]:
+    """Per degradation, the mean absolute grey-level difference between (B, h, w, 3) LR
+    images and their (B, H, W, 3) HR twins degraded that way: about 0 for the one the LR
+    images were made with. Sorted best first."""
+    errors = {name: float(np.abs(degrade(hr, scale, name).astype(np.float32)
+                                 - lr.astype(np.float32)).mean())
+              for name in DEGRADATIONS}
+    return dict(sorted(errors.items(), key=lambda item: item[1]))
 
 
 def box_filter_differences(lr: np.ndarray, hr: np.ndarray, scale: int) -> np.ndarray:

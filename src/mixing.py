@@ -25,10 +25,12 @@ class MixParams:
 
 
 def sample_mix_params(batch_size: int, generator: torch.Generator, mixup: float,
-                      cutmix: float, grid: int) -> MixParams | None:
+                      cutmix: float, grid: int, groups: tuple = ()) -> MixParams | None:
     """Mixup (Zhang 2018) with ``lam ~ Beta(mixup, mixup)`` or cutmix (Yun 2019) with a box
     of area ``1 - lam``, ``lam ~ Beta(cutmix, cutmix)``; with both on, each batch takes one
-    of the two at even odds; None when both are 0."""
+    of the two at even odds; None when both are 0. ``groups`` (sizes of consecutive blocks
+    of the batch, e.g. labelled then unlabelled rows) keeps every partner in its own block,
+    so a labelled image is mixed with a labelled one and its two labels stay known."""
     if mixup <= 0 and cutmix <= 0:
         return None
     use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand((), generator=generator) < 0.5)
@@ -36,7 +38,12 @@ def sample_mix_params(batch_size: int, generator: torch.Generator, mixup: float,
     # Beta(a, a) from two Gamma draws, on the epoch generator so runs repeat exactly.
     gammas = torch._standard_gamma(torch.full((2,), float(concentration)), generator=generator)
     lam = float(gammas[0] / gammas.sum())
-    partner = torch.randperm(batch_size, generator=generator)
+    if len(groups) > 1:
+        starts = [sum(groups[:number]) for number in range(len(groups))]
+        partner = torch.cat([start + torch.randperm(size, generator=generator)
+                             for start, size in zip(starts, groups)])
+    else:
+        partner = torch.randperm(batch_size, generator=generator)
     if not use_cutmix:
         return MixParams(partner, lam)
     side = min(grid, max(1, round(math.sqrt(1 - lam) * grid)))

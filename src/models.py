@@ -21,16 +21,17 @@ TESTED_TRANSFORMERS = ("vit_b_16", "swin_t", "timm:vit_tiny_patch16_224",
 
 
 def build_model(arch: str, num_classes: int, weights: str = "none",
-                input_size: int | None = None) -> nn.Module:
+                input_size: int | None = None, partial: bool = False) -> nn.Module:
     """A torchvision or timm (``timm:<name>``) classifier with a ``num_classes`` head.
 
     ``weights``: ``imagenet`` (the library's pretrained weights), ``none`` (random
-    initialisation) or the path of a state dict / checkpoint to start from.
+    initialisation) or the path of a state dict / checkpoint to start from (``partial``:
+    even if some of the model's tensors are not in it).
     ``input_size``: transformers built for a fixed size (ViT, BEiT) are built for it.
     """
     model = backbones.create(arch, num_classes, weights == "imagenet", input_size)
     if weights not in ("imagenet", "none"):
-        _load_partial(model, _read_state_dict(Path(weights)), Path(weights), arch)
+        _load_partial(model, _read_state_dict(Path(weights)), Path(weights), arch, partial)
         # A fresh head whatever the file held: the measured teacher-initialised runs.
         backbones.replace_head(model, num_classes)
     return model
@@ -49,15 +50,28 @@ def _read_state_dict(path: Path) -> dict:
     return state
 
 
-def _load_partial(model: nn.Module, state: dict, path: Path, arch: str) -> None:
-    """Load every tensor that fits; a classification head of another size is skipped."""
+def _load_partial(model: nn.Module, state: dict, path: Path, arch: str,
+                  partial: bool = False) -> None:
+    """Load every tensor of the file that fits the model and say how many. The head is
+    replaced by a fresh one afterwards, so only the rest must come from the file: a file
+    that leaves any other tensor of the model at its random start is refused unless
+    ``partial``."""
     own = model.state_dict()
+    head = backbones.classifier_head(model)
+    head_name = next(name for name, module in model.named_modules() if module is head)
+    head_keys = {f"{head_name}.{key}" for key in head.state_dict()}
     fitting = {key: value for key, value in state.items()
                if key in own and own[key].shape == value.shape}
-    if len(fitting) < len(own) // 2:
-        raise ToolError(f"--weights {path} does not fit {arch} "
-                        f"({len(fitting)} of {len(own)} tensors match)")
+    missing = [key for key in own if key not in fitting and key not in head_keys]
+    if missing and not partial:
+        raise ToolError(f"--weights {path} does not fit {arch}: {len(missing)} of its "
+                        f"{len(own) - len(head_keys)} tensors below the head are missing from "
+                        f"the file or shaped otherwise (first: {missing[0]}); pass "
+                        f"--partial-weights to start from the {len(fitting)} that fit")
     model.load_state_dict(fitting, strict=False)
+    print(f"--weights {path}: loaded {len(fitting)} tensors, "
+          f"{len(missing)} left at their random start, {len(state) - len(fitting)} of the "
+          f"file's not used; the classification head starts fresh")
 
 
 @contextmanager
@@ -115,13 +129,18 @@ def load_checkpoint(path: Path, classes: list[str] | None = None,
     return model, {key: value for key, value in checkpoint.items() if key != "model"}
 
 
-def load_teacher(ckpt: Path, classes: list[str]) -> tuple[nn.Module, dict]:
-    """An HR teacher's checkpoint, trained on ``classes``: what a KD student learns from."""
-    model, meta = load_checkpoint(ckpt, classes=classes, what="teacher checkpoint")
-    if meta.get("resolution") != "hr":
-        raise ToolError(f"teacher checkpoint {ckpt} was trained on "
-                        f"{str(meta.get('resolution')).upper()} images; the KD "
-                        f"teacher must be an HR model (train_teacher.py)")
+def load_teacher(ckpt: Path, classes: list[str],
+                 resolution: str = "hr") -> tuple[nn.Module, dict]:
+    """A teacher's checkpoint, trained on ``classes``: what a KD student learns from. An
+    HR teacher (train_teacher.py), or with ``resolution`` "lr" a pseudo-teacher (an LR
+    student of an earlier round)."""
+    what = "teacher checkpoint" if resolution == "hr" else "--pseudo-teacher checkpoint"
+    model, meta = load_checkpoint(ckpt, classes=classes, what=what)
+    if meta.get("resolution") != resolution:
+        raise ToolError(f"{what} {ckpt} was trained on {str(meta.get('resolution')).upper()} "
+                        f"images; " + ("the KD teacher must be an HR model (train_teacher.py)"
+                                       if resolution == "hr" else "a pseudo-teacher must be an "
+                                       "LR model (train_student.py or train_kd_student.py)"))
     return model, meta
 
 

@@ -20,8 +20,15 @@ RECIPES = {
     "teacher-init": {"schedule": "cosine", "warmup_epochs": 1.0, "monitor": "last",
                      "mixup": 0.2, "cutmix": 1.0, "alpha": 0.1, "beta": 0.9,
                      "weights": "teacher"},
+    # The same with a transfer set: the teacher labels unlabelled images (--unlabelled PATH,
+    # required) for the student, one unlabelled image per labelled one in every batch.
+    "transfer": {"schedule": "cosine", "warmup_epochs": 1.0, "monitor": "last",
+                 "mixup": 0.2, "cutmix": 1.0, "alpha": 0.1, "beta": 0.9,
+                 "unlabelled_ratio": 1.0},
 }
 STUDENT_ONLY = {"weights"}
+# Presets that need a transfer set (--unlabelled) for the KD student.
+NEEDS_UNLABELLED = {"transfer"}
 DEFAULT_RECIPE = "reference"
 
 

@@ -19,7 +19,7 @@ from .data import load_or_create_split
 from .distributed import launcher
 from .arguments import STAGES
 from .stats import mean_and_std
-from .stages import check_kept_run
+from .stages import check_kept_run, with_teacher_weights
 from .trainer import run_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +35,14 @@ def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str]
                         f"found) or add teacher to --stages")
     for seed in seeds:
         for stage in stages:
-            extra = ["--teacher-ckpt", str(teacher_ckpt)] \
-                if stage == "kd_student" and "teacher" not in stages else []
+            flags = ["--seed", str(seed), *train_args]
+            if "teacher" not in stages:
+                # The students learn from (and may start from) the main folder's teacher.
+                flags = with_teacher_weights(stage, flags, teacher_ckpt)
+                if stage == "kd_student":
+                    flags += ["--teacher-ckpt", str(teacher_ckpt)]
             run_stage_in(out_dir / "seeds" / f"seed{seed}", stage, out_dir, data_dir,
-                         ["--seed", str(seed), *train_args, *extra], f"seed {seed}: {stage}",
-                         processes)
+                         flags, f"seed {seed}: {stage}", processes)
     summary = summarize(out_dir, seeds, stages)
     publish_table(out_dir / "seeds", "summary", summary_table(summary), summary)
     return summary

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ import pandas as pd
 import torch
 
 from .arguments import STAGES, check_arguments, figures_dir, jsonable, parse_train_arguments, \
-    test_parser
+    preset_overrides, test_parser
 from . import distributed
 from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, save_torch, \
     write_csv, write_json
@@ -32,6 +34,7 @@ from .models import build_model, load_checkpoint, load_teacher
 from .plots import plot_comparison, plot_curves
 from .stats import paired_bootstrap
 from .trainer import FitConfig, Runtime, evaluate, fit, run_status
+from .transfer import add_unlabelled, labelled_sizes, primary_resolution, read_unlabelled
 
 # Settings that must agree between the baseline and the KD student for their comparison to
 # mean anything (same split is enforced separately, through split.csv).
@@ -119,13 +122,17 @@ def settings_differences(saved: dict, wanted: dict, stage: str) -> list[str]:
             if key not in RESUME_FREE and normal(key, saved[key]) != normal(key, value)]
 
 
-def _check_resume_settings(stage_dir: Path, stage: str, args_dict: dict) -> dict:
+def _check_resume_settings(stage_dir: Path, stage: str, args_dict: dict,
+                           finished: bool = False) -> dict:
     config = read_json(stage_dir / "config.json")
     differences = settings_differences(config.get("args", {}), args_dict, stage)
     if differences:
+        how = (f"the run is finished; to train it further start a new one from its weights "
+               f"(--weights {stage_dir / 'best.pt'} --out-dir NEW: a fresh optimizer and "
+               f"schedule), or use --overwrite" if finished else
+               "resume with the saved settings or use --overwrite")
         raise ToolError(f"--resume with other settings than the saved run "
-                        f"({'; '.join(differences)}); resume with the saved settings or "
-                        f"use --overwrite")
+                        f"({'; '.join(differences)}); {how}")
     return config
 
 
@@ -158,13 +165,30 @@ def resolve_init_weights(args, out_dir: Path) -> None:
     args.weights = str(ckpt)
 
 
+def with_teacher_weights(stage: str, flags: list[str], teacher: Path) -> list[str]:
+    """``flags`` for a runner's stage folder: where they say ``--weights teacher`` (as a
+    flag, or through a preset such as teacher-init), the split's teacher file is named
+    explicitly, since the folder holds no teacher of its own."""
+    if stage != "teacher" and parse_train_arguments(stage, flags).weights == "teacher":
+        return [*flags, "--weights", str(teacher)]
+    return flags
+
+
 def resolve_train_arguments(stage: str, argv) -> argparse.Namespace:
     """A train script's settings as its run records them: parsed with the recipe's
     defaults, checked, and the defaults that depend on other flags filled in."""
     args = parse_train_arguments(stage, argv)
     check_arguments(args)
     if stage == "kd_student":
-        args.teacher_ckpt = args.teacher_ckpt or [Path(args.out_dir) / "teacher" / "best.pt"]
+        if args.pseudo_teacher:
+            if args.teacher_ckpt:
+                raise ToolError("--pseudo-teacher replaces the HR teacher: give --teacher-ckpt "
+                                "or --pseudo-teacher, not both")
+            if args.lr_from_hr:
+                raise ToolError("--lr-from-hr renders views for an HR teacher; a "
+                                "--pseudo-teacher sees the LR views (drop one of them)")
+        else:
+            args.teacher_ckpt = args.teacher_ckpt or [Path(args.out_dir) / "teacher" / "best.pt"]
         if args.alpha is None:
             args.alpha = 0.7 if "kd" in parse_method(args.method) else 1.0
         if args.teacher_cache and (args.mixup > 0 or args.cutmix > 0):
@@ -181,11 +205,19 @@ def resolve_train_arguments(stage: str, argv) -> argparse.Namespace:
 
 def train_main(stage: str, argv=None) -> int:
     args = resolve_train_arguments(stage, argv)
+    for line in preset_overrides(stage, sys.argv[1:] if argv is None else argv):
+        print(line)
     resolution = STAGES[stage]["resolution"]
     out_dir = ensure_writable_dir(args.out_dir)
     stage_dir = out_dir / stage
     args_dict = jsonable(args)
     if _prepare_stage_dir(stage_dir, args) == "finished":  # only reachable with --resume
+        # Another --epochs (a longer budget) is refused like any other setting, with the
+        # way to go on: a finished schedule cannot be stretched after the fact.
+        # Where the run lives now is not a setting: a moved or copied run is the same run.
+        _check_resume_settings(stage_dir, stage,
+                               {key: value for key, value in args_dict.items()
+                                if key != "out_dir"}, finished=True)
         print(f"{stage_dir} holds a finished run; nothing to resume "
               f"(use --overwrite to train again)")
         return 0
@@ -205,33 +237,41 @@ def train_main(stage: str, argv=None) -> int:
         split = load_or_create_split(args.data_dir, out_dir, args.seed,
                                      per_class=args.split_per_class)
     view_sizes = {resolution: args.input_size}
-    teachers, teacher_metas = [], []
+    teachers, teacher_metas, teacher_ckpts, teacher_resolution = [], [], [], None
     if stage == "kd_student":
         # Load (and so check) the teachers before the slow image decoding.
-        for ckpt in args.teacher_ckpt:
-            teacher, meta = load_teacher(ckpt, split.classes)
+        teacher_resolution = "lr" if args.pseudo_teacher else "hr"
+        teacher_ckpts = args.pseudo_teacher or args.teacher_ckpt
+        for ckpt in teacher_ckpts:
+            teacher, meta = load_teacher(ckpt, split.classes, teacher_resolution)
             teachers.append(teacher)
             teacher_metas.append(meta)
-        view_sizes["hr"] = int(teacher_metas[0]["input_size"])
-    model = build_model(args.arch, len(split.classes), args.weights, args.input_size)
+        if teacher_resolution == "hr":
+            view_sizes["hr"] = int(teacher_metas[0]["input_size"])
+    model = build_model(args.arch, len(split.classes), args.weights, args.input_size,
+                        partial=args.partial_weights)
     if args.layer_decay is None:
         # BEiT-style fine-tuning for pretrained transformers; a CNN or a model trained from
         # scratch learns every layer at the full rate.
         args.layer_decay = 0.75 if args.weights == "imagenet" and is_transformer(model) else 1.0
     cache_dir = cache_dir_for(args)
-    teacher_logits = None
+    teacher_logits, unlabelled = None, None
+    source = read_unlabelled(args.unlabelled, *labelled_sizes(split, args.data_dir),
+                             needs_hr=teacher_resolution == "hr") \
+        if getattr(args, "unlabelled", None) else None
+    load = lambda resolutions: load_training_images(  # noqa: E731
+        split, args, resolutions, source, cache_dir, memory_map=context.enabled)
     # Rank 0 decodes the images (and computes the cached teacher logits) into the cache;
     # the other processes then read the same files, memory-mapped.
     with distributed.main_process_first():
         if stage == "kd_student" and args.teacher_cache:
             if len(teachers) > 1:
                 raise ToolError("--teacher-cache takes one teacher checkpoint")
-            teacher_logits = _teacher_logits(teachers[0], teacher_metas[0],
-                                             args.teacher_ckpt[0], split, args.data_dir,
-                                             cache_dir, args.batch_size, runtime)
-            del view_sizes["hr"]    # the student alone needs images from here on
-        images = ImageSet.load(split, args.data_dir, sorted(view_sizes), cache_dir,
-                               memory_map=context.enabled)
+            teacher_logits = _teacher_logits(teachers[0], teacher_metas[0], teacher_ckpts[0],
+                                             teacher_resolution, split, source, args, load,
+                                             cache_dir, runtime)
+            view_sizes.pop("hr", None)    # the student alone needs images from here on
+        images, unlabelled = load(sorted(view_sizes))
     lr_from_hr = _lr_render_scale(images) if getattr(args, "lr_from_hr", False) else 0
 
     if stage == "kd_student":
@@ -247,7 +287,7 @@ def train_main(stage: str, argv=None) -> int:
                               args.method, weights,
                               [int(meta["input_size"]) for meta in teacher_metas],
                               cached_teacher_logits=teacher_logits,
-                              probe_size=args.input_size)
+                              probe_size=args.input_size, teacher_resolution=teacher_resolution)
     else:
         objective = HardLabels(model, resolution)
     objective.to(device)
@@ -263,12 +303,14 @@ def train_main(stage: str, argv=None) -> int:
         "split": {"seed": split.seed, "fingerprint": split.fingerprint,
                   "classes": len(split.classes)},
         "image_sizes": {key: images.image_size(key) for key in images.pixels},
-        "teacher": {"checkpoints": [str(ckpt) for ckpt in args.teacher_ckpt],
+        "teacher": {"checkpoints": [str(ckpt) for ckpt in teacher_ckpts],
+                    "resolution": teacher_resolution,
                     "archs": [meta["arch"] for meta in teacher_metas],
                     "input_sizes": [meta["input_size"] for meta in teacher_metas],
                     "method": args.method,
                     "mode": "cached logits" if teacher_logits is not None
                     else "online, paired views"} if teacher_metas else None,
+        "unlabelled": unlabelled,
     })
     if config is not None:
         record["resumed"] = config.get("resumed", []) + [record.pop("command")]
@@ -282,6 +324,8 @@ def train_main(stage: str, argv=None) -> int:
     print(f"{STAGES[stage]['title']}: {args.arch} ({args.weights} weights) on "
           f"{resolution.upper()} {images.image_size(resolution)}px -> {args.input_size}px, "
           f"{len(split.indices('train'))} train / {len(split.indices('val'))} val images, "
+          + (f"{unlabelled['used']} unlabelled ({args.unlabelled_ratio:g} per labelled image "
+             f"in a batch), " if unlabelled else "")
           + (f"layer-wise lr decay {args.layer_decay:g}, " if args.layer_decay != 1 else "")
           + f"{_device_name(device)}"
           + (f", {context.world_size} processes (torchrun), global batch {args.batch_size}"
@@ -293,7 +337,8 @@ def train_main(stage: str, argv=None) -> int:
         crop_scale=args.crop_scale, seed=args.seed, amp=runtime.amp,
         channels_last=runtime.channels_last, view_sizes=view_sizes, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, mixup=args.mixup, cutmix=args.cutmix,
-        sync_bn=args.sync_bn, layer_decay=args.layer_decay, lr_from_hr=lr_from_hr)
+        sync_bn=args.sync_bn, layer_decay=args.layer_decay, lr_from_hr=lr_from_hr,
+        unlabelled_ratio=args.unlabelled_ratio if unlabelled else 0.0)
     meta = {"stage": stage, "arch": args.arch, "library": library_of(args.arch),
             "library_version": library_version(args.arch), "classes": split.classes,
             "resolution": resolution, "input_size": args.input_size,
@@ -321,24 +366,46 @@ def _lr_render_scale(images: ImageSet) -> int:
     return scale
 
 
-def _teacher_logits(teacher, teacher_meta: dict, teacher_ckpt: Path, split, data_dir: Path,
-                    cache_dir: Path | None, batch_size: int, runtime: Runtime) -> torch.Tensor:
-    """The teacher's logits for every row of the split (whole un-augmented HR images), kept
-    in the cache keyed by the teacher checkpoint's bytes and the split."""
+def load_training_images(split, args, resolutions, source, cache_dir: Path | None,
+                         memory_map: bool = False):
+    """The split's images at ``resolutions`` and, with an unlabelled ``source``, its rows
+    after them (``transfer.add_unlabelled``); returns the ImageSet and what was done with
+    the unlabelled images (None without). Labelled HR images are also read when unlabelled
+    HR images need an LR twin: the degradation is measured on the labelled pairs."""
+    load = set(resolutions)
+    if source is not None:
+        load.add(primary_resolution(source))     # the leakage check compares these
+        if "lr" in load and "lr" not in source.paths:
+            load |= {"lr", "hr"}
+    images = ImageSet.load(split, args.data_dir, sorted(load), cache_dir,
+                           memory_map=memory_map)
+    if source is None:
+        return images, None
+    return add_unlabelled(images, source, resolutions, args.degradation, cache_dir)
+
+
+def _teacher_logits(teacher, teacher_meta: dict, teacher_ckpt: Path, resolution: str, split,
+                    source, args, load, cache_dir: Path | None, runtime: Runtime):
+    """The teacher's logits for every row of the split and of the unlabelled set (whole
+    un-augmented images at the teacher's ``resolution``), kept in the cache keyed by the
+    teacher checkpoint's bytes, the split and the unlabelled images."""
     digest = hashlib.sha256(Path(teacher_ckpt).read_bytes())
     digest.update(split.fingerprint.encode())
+    if source is not None:
+        digest.update(json.dumps([str(source.path), source.paths, args.degradation,
+                                  resolution]).encode())
     cache_file = cache_dir / f"teacher-logits-{digest.hexdigest()[:16]}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         print(f"teacher logits from {cache_file}")
         return torch.load(cache_file, weights_only=True)
-    images = ImageSet.load(split, data_dir, ["hr"], cache_dir)
-    result = evaluate(HardLabels(teacher, "hr").to(runtime.device), images,
-                      np.arange(len(split.frame)), {"hr": int(teacher_meta["input_size"])},
-                      batch_size, runtime, description="teacher logits")
+    images, _ = load([resolution])
+    result = evaluate(HardLabels(teacher, resolution).to(runtime.device), images,
+                      np.arange(len(images.labels)), {resolution: int(teacher_meta["input_size"])},
+                      args.batch_size, runtime, description="teacher logits")
     teacher.cpu()
     if cache_file is not None:
         save_torch(cache_file, result["logits"])
-        print(f"cached teacher logits for {len(split.frame)} images -> {cache_file}")
+        print(f"cached teacher logits for {len(images.labels)} images -> {cache_file}")
     return result["logits"]
 
 

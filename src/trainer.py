@@ -38,6 +38,7 @@ from .lr_render import render_lr_from_hr
 from .metrics import classification_metrics
 from .mixing import mix_views, sample_mix_params
 from .models import capture_penultimate, save_checkpoint
+from .transfer import UNLABELLED, unlabelled_batches
 
 
 @dataclass
@@ -50,7 +51,7 @@ class FitConfig:
     lr_patience: int
     min_lr: float
     patience: int
-    monitor: str              # "val_loss" (lower is better), "val_acc" or "last"
+    monitor: str              # "val_loss" (lower is better), "val_acc", "val_macro_f1", "last"
     hflip: bool
     crop_scale: float         # smallest crop area fraction; 1 disables cropping
     seed: int
@@ -64,6 +65,7 @@ class FitConfig:
     sync_bn: bool = False         # under torchrun on CUDA: SyncBatchNorm in the student
     layer_decay: float = 1.0      # layer-wise learning-rate decay of the student; 1 = off
     lr_from_hr: int = 0           # HR/LR factor: LR views rendered from HR twins; 0 = off
+    unlabelled_ratio: float = 0.0  # unlabelled rows per labelled row in a batch; 0 = none
 
 
 @dataclass
@@ -86,12 +88,15 @@ class Runtime:
 
 def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg: FitConfig,
                     generator: torch.Generator, optimizer, runtime: Runtime,
-                    description: str, scheduler=None, trainer=None) -> dict:
+                    description: str, scheduler=None, trainer=None,
+                    labelled_counts: list[int] | None = None) -> dict:
     """One pass over the global ``batches``; returns mean loss terms, raw cross-entropy
-    and accuracy (over every process). ``scheduler`` (if any) is stepped after every
-    batch. ``trainer`` is the module whose forward trains (the DDP wrapper under torchrun,
-    else ``objective``): each process draws the views and mixing of the whole global batch,
-    so they do not depend on the number of processes, and trains on its share."""
+    and accuracy (over every process, on labelled rows). ``scheduler`` (if any) is stepped
+    after every batch. ``trainer`` is the module whose forward trains (the DDP wrapper
+    under torchrun, else ``objective``): each process draws the views and mixing of the
+    whole global batch, so they do not depend on the number of processes, and trains on
+    its share. ``labelled_counts``: per batch, how many of its first rows are labelled; the
+    rest are unlabelled (label -1), mixed among themselves and shared out as a group."""
     trainer = trainer or objective
     objective.train()
     sums = defaultdict(lambda: torch.zeros((), device=runtime.device))
@@ -104,11 +109,13 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
         if cfg.lr_from_hr:
             batch["lr"], batch["hr"] = render_lr_from_hr(batch["hr"], cfg.lr_from_hr, generator)
         grid = view_grid(batch, view_sizes)
+        groups = (len(labels),) if labelled_counts is None or labelled_counts[step] == len(
+            labels) else (labelled_counts[step], len(labels) - labelled_counts[step])
         params = sample_view_params(len(labels), generator, cfg.hflip, cfg.crop_scale, grid)
-        mix = sample_mix_params(len(labels), generator, cfg.mixup, cfg.cutmix, grid)
+        mix = sample_mix_params(len(labels), generator, cfg.mixup, cfg.cutmix, grid, groups)
         with torch.no_grad():
             views = runtime.prepare(mix_views(make_views(batch, view_sizes, params), mix))
-        rows = distributed.share(len(labels))
+        rows = distributed.share_groups(groups)
         share_views = {key: view[rows] for key, view in views.items()}
         targets = {"labels": labels[rows], "index": batch["index"][rows]}
         if mix is not None:
@@ -126,16 +133,20 @@ def train_one_epoch(objective, images: ImageSet, batches, view_sizes: dict, cfg:
             scheduler.step()
 
         with torch.no_grad():
-            count = len(counted)
+            # Unlabelled rows (label -1) count in the loss but not in accuracy or CE.
+            labelled = counted >= 0
+            count = int(labelled.sum())
             seen += count
             sums["loss"] += loss.detach() * count
             for name, term in terms.items():
                 sums[f"loss_{name}"] += term.detach() * count
-            sums["ce"] += F.cross_entropy(logits.detach().float(), counted) * count
-            sums["correct"] += (logits.argmax(1) == counted).sum()
+            if count:
+                sums["ce"] += F.cross_entropy(logits.detach().float()[labelled],
+                                              counted[labelled]) * count
+            sums["correct"] += (logits.argmax(1)[labelled] == counted[labelled]).sum()
         if step % 20 == 0 or step == len(batches) - 1:
             # Reading the loss back synchronises the device, so only every 20 steps.
-            running = sums["loss"].item() / seen
+            running = sums["loss"].item() / max(seen, 1)
             _check_finite(running, description, step)
             progress.set_postfix(loss=f"{running:.4f}")
     names = sorted(sums)
@@ -194,8 +205,10 @@ def evaluate(objective, images: ImageSet, indices: np.ndarray, view_sizes: dict,
     if shared:
         logits = distributed.all_gather_rows(logits, runtime.device)
         labels = distributed.all_gather_rows(labels, runtime.device)
-    result = classification_metrics(labels.numpy(), logits.argmax(1).numpy())
-    result["loss"] = F.cross_entropy(logits, labels).item()
+    # Scores count labelled rows only (cached teacher logits also cover unlabelled ones).
+    known = labels >= 0
+    result = classification_metrics(labels[known].numpy(), logits[known].argmax(1).numpy())
+    result["loss"] = F.cross_entropy(logits[known], labels[known]).item()
     result["logits"], result["labels"] = logits, labels
     if features:
         result["features"] = torch.cat(captured)
@@ -217,6 +230,9 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
     if len(val_idx) < context.world_size:
         raise ToolError(f"{len(val_idx)} validation images cannot be shared among "
                         f"{context.world_size} processes; use fewer processes")
+    # Unlabelled rows (a transfer set) join every training batch; see transfer.py.
+    unlabelled_idx = images.split.indices(UNLABELLED) if cfg.unlabelled_ratio > 0 \
+        else np.empty(0, dtype=np.int64)
     trainer = distributed.wrap_for_training(objective, runtime.device, cfg.sync_bn)
     optimizer = torch.optim.AdamW(parameter_groups(objective, cfg.lr, cfg.layer_decay),
                                   lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -245,10 +261,17 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
         generator = epoch_generator(cfg.seed, epoch)
         objective.start_epoch(epoch)
         batches = batch_indices(train_idx, cfg.batch_size, generator, drop_last=drop_last)
+        labelled_counts = None
+        if len(unlabelled_idx):
+            extra = unlabelled_batches(unlabelled_idx, batches, cfg.unlabelled_ratio, cfg.seed,
+                                       epoch)
+            labelled_counts = [len(batch) for batch in batches]
+            batches = [np.concatenate([batch, more]) for batch, more in zip(batches, extra)]
         lr = max(group["lr"] for group in optimizer.param_groups)
         train = train_one_epoch(objective, images, batches, cfg.view_sizes, cfg, generator,
                                 optimizer, runtime, f"epoch {epoch}/{cfg.epochs} train",
-                                scheduler if cfg.schedule == "cosine" else None, trainer)
+                                scheduler if cfg.schedule == "cosine" else None, trainer,
+                                labelled_counts)
         distributed.broadcast_buffers(objective)
         val = evaluate(objective, images, val_idx, cfg.view_sizes, cfg.batch_size, runtime,
                        f"epoch {epoch}/{cfg.epochs} val", shared=True)

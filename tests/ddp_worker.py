@@ -48,7 +48,7 @@ for module in (stages, trainer, models, data):
 
 
 def tiny_model(arch: str, num_classes: int, weights: str = "none",
-               input_size: int | None = None) -> nn.Module:
+               input_size: int | None = None, partial: bool = False) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(16, num_classes))

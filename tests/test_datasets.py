@@ -97,9 +97,39 @@ def test_fashion_mnist_writes_the_dacon_layout_from_train_files_only(tmp_path):
     too_many = run_script("make_demo_data.py", "--fashion-mnist", tmp_path / "idx", "--out",
                           tmp_path / "fm2", "--per-class", "13")
     assert_one_line_error(too_many, "--per-class 13", "has only 12 images")
+    too_many = run_script("make_demo_data.py", "--fashion-mnist", tmp_path / "idx", "--out",
+                          tmp_path / "fm4", "--per-class", "10", "--test-images", "12",
+                          "--unlabelled", "9")
+    assert_one_line_error(too_many, "only 20 images are left")
     missing = run_script("make_demo_data.py", "--fashion-mnist", tmp_path, "--out",
                          tmp_path / "fm3")
     assert_one_line_error(missing, "train-images-idx3-ubyte", "not found")
+
+
+def test_fashion_mnist_unlabelled_images_are_other_photos_without_labels(tmp_path):
+    images, labels = _fake_fashion_mnist(per_class=12)
+    _write_idx(tmp_path / "idx", images, labels, gz=True)
+    common = ["--fashion-mnist", tmp_path / "idx", "--per-class", "10", "--test-images", "12",
+              "--lr-size", "7", "--scale", "4"]
+    plain, extended = tmp_path / "plain", tmp_path / "extended"
+    assert run_script("make_demo_data.py", *common, "--out", plain).returncode == 0
+    result = run_script("make_demo_data.py", *common, "--out", extended, "--unlabelled", "8")
+    assert result.returncode == 0, result.stderr
+    for name in ("train.csv", "test.csv", "test_labels.csv"):     # the rest is unchanged
+        assert (plain / name).read_bytes() == (extended / name).read_bytes()
+    table = pd.read_csv(extended / "unlabelled.csv")
+    assert list(table.columns) == ["upscale_img_path"] and len(table) == 8
+    photos = [np.asarray(Image.open(extended / path).convert("RGB"))[..., 0]
+              for path in table["upscale_img_path"]]
+    sources = {int(np.flatnonzero((images == photo).all((1, 2)))[0]) for photo in photos}
+    used = {int(np.flatnonzero((images == np.asarray(Image.open(extended / path))[..., 0])
+                               .all((1, 2)))[0])
+            for path in [*pd.read_csv(extended / "train.csv")["upscale_img_path"],
+                         *pd.read_csv(extended / "test_labels.csv")["upscale_img_path"]]}
+    assert len(sources) == 8 and not sources & used
+    # No file the tool reads names a label of the unlabelled images.
+    assert not any("UNL_" in path.read_text() for path in extended.glob("*.csv")
+                   if path.name != "unlabelled.csv")
 
 
 def test_balanced_subset_split_is_drawn_once_and_checked(tmp_path):

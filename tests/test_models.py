@@ -32,6 +32,23 @@ def test_weights_file_of_another_architecture_is_refused(tmp_path):
         build_model("resnet18", 3, str(tmp_path / "m.pth"))
 
 
+def test_a_file_missing_some_tensors_is_refused_unless_partial_and_counted(tmp_path, capsys):
+    """A file holding all but one block of the model is refused (it used to load silently
+    while half the tensors fitted); with partial it loads what fits and says so."""
+    torch.manual_seed(0)
+    source = build_model("resnet18", 5)
+    state = {key: value for key, value in source.state_dict().items()
+             if not key.startswith("layer4.1.")}
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ToolError, match="does not fit resnet18: 12 of its 120 tensors"):
+        build_model("resnet18", 5, str(tmp_path / "w.pth"))
+    model = build_model("resnet18", 5, str(tmp_path / "w.pth"), partial=True)
+    assert torch.equal(model.layer4[0].conv1.weight, source.layer4[0].conv1.weight)
+    assert not torch.equal(model.layer4[1].conv1.weight, source.layer4[1].conv1.weight)
+    assert "loaded 110 tensors, 12 left at their random start, 0 of the file's not used" \
+        in capsys.readouterr().out
+
+
 def test_unknown_architecture():
     with pytest.raises(ToolError, match="unknown --arch 'resnet1000'"):
         build_model("resnet1000", 3)

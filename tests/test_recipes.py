@@ -229,6 +229,24 @@ def test_presets_fill_defaults_and_explicit_flags_win():
     assert teacher.weights == "imagenet" and teacher.schedule == "cosine"
 
 
+def test_presets_say_what_an_explicit_flag_replaces_and_weigh_ce_only_against_kd():
+    from src.arguments import preset_overrides
+    from src.stages import resolve_train_arguments
+    assert preset_overrides("student", ["--recipe", "teacher-init", "--weights", "none"]) == \
+        ["note: --weights none replaces the teacher-init preset's teacher"]
+    assert preset_overrides("kd_student", ["--recipe", "consistent", "--alpha=0.5",
+                                           "--mixup", "0.2"]) == \
+        ["note: --alpha 0.5 replaces the consistent preset's 0.1"]      # 0.2 is the preset's
+    assert preset_overrides("teacher", ["--recipe", "teacher-init", "--weights", "none"]) == []
+    assert preset_overrides("kd_student", ["--recipe", "consistent"]) == []
+    # The preset's alpha 0.1 / beta 0.9 split the loss between CE and kd; without kd the
+    # cross-entropy keeps its full weight.
+    for method, alpha in (("kd", 0.1), ("kd+at", 0.1), ("at", 1.0), ("dkd", 1.0)):
+        args = resolve_train_arguments("kd_student", ["--recipe", "consistent", "--method",
+                                                      method, "--weights", "none"])
+        assert args.alpha == alpha, method
+
+
 @pytest.mark.parametrize("flag,value,message", [
     ("--lr", "-1", "--lr must be positive"),
     ("--lr", "0", "--lr must be positive"),
@@ -288,3 +306,68 @@ def test_hard_labels_objective_uses_the_mix():
     assert terms["ce"].item() == pytest.approx(hard_label_loss(logits, batch).item())
     assert not math.isclose(terms["ce"].item(),
                             F.cross_entropy(logits, torch.tensor([0, 2])).item())
+
+
+@pytest.mark.parametrize("runner", ["compare_recipes.py", "run_seeds.py"])
+def test_teacher_init_preset_starts_from_the_splits_teacher_through_runners(
+        finished_run, tmp_path, runner):
+    """The preset's --weights teacher means the split's teacher in a runner's seed folders
+    too (it used to be looked for inside them, after the earlier runs had trained)."""
+    import json
+    import shutil
+    data_dir, out_dir, _, _ = finished_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("split.csv", "split.json"):
+        shutil.copy(out_dir / name, run / name)
+    (run / "teacher").mkdir()
+    teacher = run / "teacher" / "best.pt"
+    shutil.copy(out_dir / "teacher" / "best.pt", teacher)
+    # No --weights here: an explicit one would replace the preset's (and say so).
+    budget = ["--arch", "resnet18", "--input-size", "32", "--epochs", "2", "--batch-size", "8",
+              "--lr", "1e-3"]
+    if runner == "compare_recipes.py":
+        args = ["--recipes", "teacher-init", "--seeds", "0", "--", *budget]
+        folders = {"student": run / "recipes" / "teacher-init" / "seed0",
+                   "kd_student": run / "recipes" / "teacher-init" / "seed0"}
+    else:
+        args = ["--seeds", "0", "--", "--recipe", "teacher-init", *budget]
+        folders = {stage: run / "seeds" / "seed0" for stage in ("student", "kd_student")}
+    result = run_script(runner, "--data-dir", data_dir, "--out-dir", run, *args, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for stage, folder in folders.items():
+        config = json.loads((folder / stage / "config.json").read_text())
+        assert config["args"]["recipe"] == "teacher-init"
+        assert config["args"]["weights"] == str(teacher), stage
+
+
+@pytest.mark.parametrize("monitor,best_epoch", [("val_macro_f1", 3), ("val_acc", 2),
+                                                ("val_loss", 4)])
+def test_select_by_keeps_the_epoch_best_on_its_own_measure(monkeypatch, tmp_path, monitor,
+                                                           best_epoch):
+    """Validation loss, accuracy and macro-F1 peak at different epochs here: best.pt is
+    the epoch that is best on the measure --select-by names."""
+    import numpy as np
+    from types import SimpleNamespace
+    from src import trainer
+    scripted = iter([(0.5, 0.60, 0.50), (0.4, 0.70, 0.40), (0.6, 0.50, 0.65),
+                     (0.3, 0.65, 0.45)])           # (loss, accuracy, macro-F1) per epoch
+
+    def fake_evaluate(*args, **kwargs):
+        loss, accuracy, f1 = next(scripted)
+        return {"loss": loss, "accuracy": accuracy, "macro_f1": f1}
+    monkeypatch.setattr(trainer, "evaluate", fake_evaluate)
+    monkeypatch.setattr(trainer, "train_one_epoch",
+                        lambda *args, **kwargs: {"loss": 1.0, "ce": 1.0, "acc": 0.5})
+    split = SimpleNamespace(indices=lambda subset: np.arange(8) if subset == "train"
+                            else np.arange(8, 10))
+    cfg = FitConfig(epochs=4, batch_size=4, lr=1e-3, weight_decay=0.0, lr_factor=0.5,
+                    lr_patience=10, min_lr=0.0, patience=10, monitor=monitor, hflip=False,
+                    crop_scale=1.0, seed=0, amp=False, channels_last=False,
+                    view_sizes={"lr": 8})
+    objective = HardLabels(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2)),
+                           "lr")
+    summary = trainer.fit(objective, SimpleNamespace(split=split), cfg, tmp_path,
+                          trainer.Runtime(torch.device("cpu"), False, False), {}, resume=False)
+    assert summary["best_epoch"] == best_epoch
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == best_epoch

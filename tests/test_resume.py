@@ -96,6 +96,14 @@ def test_resume_refuses_other_settings_and_finished_runs(finished_run, tmp_path)
     result = run_script("train_student.py", "--data-dir", data_dir, "--out-dir", run,
                         *TINY_TRAIN_ARGS, "--resume")
     assert result.returncode == 0 and "finished run; nothing to resume" in result.stdout
+    # A longer budget for a finished run is refused, saying how to go on from it.
+    before = (run / "student" / "best.pt").read_bytes()
+    result = run_script("train_student.py", "--data-dir", data_dir, "--out-dir", run,
+                        *TINY_TRAIN_ARGS[:-6], "--epochs", "3", *TINY_TRAIN_ARGS[-4:],
+                        "--resume")
+    assert_one_line_error(result, "--epochs 1 -> 3", "the run is finished",
+                          f"--weights {run / 'student' / 'best.pt'} --out-dir NEW")
+    assert (run / "student" / "best.pt").read_bytes() == before
 
     # Make it look interrupted: an unfinished run resumed with another learning rate.
     last = run / "student" / "last.pt"
