@@ -384,6 +384,10 @@ def recipes_table(summary: dict) -> str:
         f"{summary['resamples']} paired bootstrap resamples of the test images "
         f"(seed-averaged difference); CI seeds: Student t over the per-seed differences. "
         f"Gap closed: (KD - baseline) / (teacher - baseline), of the means."
+        + (" 'self-training': the same recipe and unlabelled images with the seed's own LR "
+           "baseline as its only teacher (no HR teacher); '<recipe>: self-training' rows "
+           "compare that student with the plain baseline."
+           if any("self_training" in row for row in summary["recipes"]) else "")
         + (f" Held-out: the {holdout} labelled images of test.csv (test_labels.csv), never "
            f"used for training or selection"
            + (f"; teacher {100 * summary['teacher_holdout']['accuracy']:.2f}% there on their HR "
