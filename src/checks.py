@@ -18,7 +18,7 @@ from .cli import ToolError, progress_bar
 from .data import MIN_IMAGES_PER_CLASS, decode_image, pair_scale, read_test_table, \
     read_train_table
 from .lr_render import LR_RENDER_TOLERANCE, box_filter_differences, degradation_errors, \
-    degradation_warning
+    degradation_warning, describe_errors
 from .transfer import equal_to_labelled, primary_resolution, read_unlabelled
 
 
@@ -202,10 +202,9 @@ def print_report(report: Report, limit: int = 10) -> None:
               f"{LR_RENDER_TOLERANCE:g})")
     if report.degradation_errors:
         best = next(iter(report.degradation_errors))
-        listing = ", ".join(f"{name} {error:.2f}"
-                            for name, error in report.degradation_errors.items())
         print(f"LR images vs their HR twins degraded each way, mean grey-level error on "
-              f"{report.degradation_pairs} pairs: {listing}; best: {best} (what "
+              f"{report.degradation_pairs} pairs: {describe_errors(report.degradation_errors)}"
+              f"; best: {best} (what "
               f"train_kd_student.py --degradation auto uses for unlabelled HR images)")
         warning = degradation_warning(report.degradation_errors, best)
         if warning:

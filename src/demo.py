@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from .cli import progress_bar
-from .lr_render import box_downsample
+from .lr_render import degrade
 
 COLOURS = {"red": (200, 60, 50), "green": (60, 160, 70), "blue": (60, 90, 200),
            "yellow": (215, 190, 60), "purple": (140, 70, 170)}
@@ -64,8 +63,7 @@ def render_hr(rng: np.random.Generator, size: int, colour: str, texture: str,
 
 def downsample(hr: np.ndarray, scale: int) -> np.ndarray:
     """An (H, W, 3) HR image box-filtered to LR, as ``--lr-from-hr`` renders LR views."""
-    pixels = torch.tensor(hr).permute(2, 0, 1)[None]
-    return box_downsample(pixels, scale)[0].permute(1, 2, 0).numpy()
+    return degrade(hr[None], scale, "box")[0]
 
 
 def write_unlabelled_images(out_dir: Path, hr_images) -> int:

@@ -93,8 +93,7 @@ def write_fashion_mnist_dataset(idx_dir: Path, out_dir: Path, per_class: int,
     if test_images + unlabelled > len(rest):
         raise ToolError(f"--test-images {test_images} + --unlabelled {unlabelled}: only "
                         f"{len(rest)} images are left after the labelled ones")
-    transfer = rest[test_images:test_images + unlabelled]
-    unlabelled = rest[:test_images]
+    test_draw, transfer = rest[:test_images], rest[test_images:test_images + unlabelled]
 
     out_dir = Path(out_dir)
     for folder in ("train", "upscale_train", "test", "upscale_test"):
@@ -120,7 +119,7 @@ def write_fashion_mnist_dataset(idx_dir: Path, out_dir: Path, per_class: int,
     pd.DataFrame(rows).to_csv(out_dir / "train.csv", index=False)
 
     test_rows, test_labels = [], []
-    for number, position in enumerate(unlabelled):
+    for number, position in enumerate(test_draw):
         name = f"TEST_{number:05d}.png"
         hr = hr_twin(position)
         Image.fromarray(hr).save(out_dir / "upscale_test" / name)

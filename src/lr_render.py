@@ -54,9 +54,14 @@ def degradation_warning(errors: dict[str, float], chosen: str) -> str | None:
     return None
 
 
+def describe_errors(errors: dict[str, float]) -> str:
+    """``degradation_errors``' result as one line: ``box 0.00, bicubic 4.22, ...``."""
+    return ", ".join(f"{name} {error:.2f}" for name, error in errors.items())
+
+
 def degrade(hr: np.ndarray, scale: int, degradation: str) -> np.ndarray:
     """(N, H, W, 3) ``uint8`` HR images shrunk by ``scale`` the way ``degradation`` names."""
-    if degradation == "box":
+    if degradation == "box":    # a copy: decoded images may be read-only arrays
         pixels = torch.tensor(np.asarray(hr)).permute(0, 3, 1, 2)
         return box_downsample(pixels, scale).permute(0, 2, 3, 1).numpy()
     height, width = hr.shape[1] // scale, hr.shape[2] // scale
@@ -79,10 +84,8 @@ def box_filter_differences(lr: np.ndarray, hr: np.ndarray, scale: int) -> np.nda
     """Per image, the mean absolute difference in grey levels between (B, h, w, 3) LR
     images and their (B, H, W, 3) HR twins box-filtered by ``scale``: about 0 when the LR
     images were made that way (``make_demo_data.py``)."""
-    def channels_first(pixels):   # a copy: decoded images may be read-only arrays
-        return torch.tensor(pixels).permute(0, 3, 1, 2)
-    shrunk = box_downsample(channels_first(hr), scale).float()
-    return (shrunk - channels_first(lr).float()).abs().mean(dim=(1, 2, 3)).numpy()
+    shrunk = degrade(hr, scale, "box").astype(np.float32)
+    return np.abs(shrunk - np.asarray(lr, dtype=np.float32)).mean(axis=(1, 2, 3))
 
 
 def lr_render_error(images: ImageSet, scale: int, limit: int = 512) -> float:

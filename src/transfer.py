@@ -27,7 +27,7 @@ import torch
 from .cli import ToolError
 from .data import ImageSet, RESOLUTION_COLUMN, Split, decode_image, load_images, \
     normalize_path, read_table
-from .lr_render import degradation_errors, degradation_warning, degrade
+from .lr_render import degradation_errors, degradation_warning, degrade, describe_errors
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 UNLABELLED = "unlabelled"
@@ -106,10 +106,9 @@ def choose_degradation(images: ImageSet, scale: int, wanted: str) -> tuple[str, 
     index = images.split.indices("train")[:DEGRADATION_SAMPLE]
     errors = degradation_errors(images.pixels["lr"][index], images.pixels["hr"][index], scale)
     chosen = next(iter(errors)) if wanted == "auto" else wanted
-    listing = ", ".join(f"{name} {error:.2f}" for name, error in errors.items())
     print(f"degradation for unlabelled HR images: {chosen} "
           f"({'chosen: ' if wanted == 'auto' else ''}mean error against {len(index)} labelled "
-          f"pairs, grey levels: {listing})")
+          f"pairs, grey levels: {describe_errors(errors)})")
     warning = degradation_warning(errors, chosen)
     if warning:
         print(f"WARNING: {warning}: LR images made from unlabelled HR images will not look "
@@ -202,8 +201,6 @@ class StackedRows:
 
     def __getitem__(self, index) -> np.ndarray:
         index = np.asarray(index)
-        if index.ndim == 0:
-            return self[index[None]][0]
         rows = np.empty((len(index), *self.shape[1:]), dtype=self.dtype)
         for part, start, stop in zip(self.parts, self.starts[:-1], self.starts[1:]):
             inside = (index >= start) & (index < stop)
