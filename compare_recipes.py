@@ -42,7 +42,10 @@ def main() -> int:
     parser.add_argument("--recipes", nargs="+",
                         default=[name for name in RECIPES if name not in NEEDS_UNLABELLED],
                         help="presets (" + ", ".join(RECIPES) + ") or NAME=FLAGS, e.g. "
-                             "'dkd=--method dkd'; a recipe with --unlabelled also gets a "
+                             "'dkd=--method dkd'; a preset named alone keeps its own settings "
+                             "over the flags after -- (saying so), so that it is compared as "
+                             "it is: tune one with NAME=--recipe PRESET FLAGS; a recipe with "
+                             "--unlabelled also gets a "
                              "self-training baseline (the same images labelled by the seed's "
                              "own LR baseline, no HR teacher); {seed} in FLAGS is the seed "
                              "('round2=--recipe consistent --pseudo-teacher "

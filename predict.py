@@ -1,7 +1,9 @@
-"""Predict the unlabelled test.csv with a trained student and write a submission file
-(ID,label, with the original label names, in test.csv's order).
+"""Predict the unlabelled test.csv with a trained student, or an ensemble of several, and
+write a submission file (ID,label, with the original label names, in test.csv's order).
 
     python predict.py --stage kd_student --tta
+    python predict.py --ckpt runs/kd_student/best.pt runs_seed1/kd_student/best.pt \
+        runs/kd_student_final/best.pt --output ensemble.csv
 
 With a <data-dir>/test_labels.csv (the data make_demo_data.py writes) it also prints the
 submission's accuracy and macro-F1 against those labels.
@@ -23,30 +25,38 @@ def main() -> int:
     common_arguments(parser)
     parser.add_argument("--stage", choices=("student", "kd_student"), default="kd_student",
                         help="whose best checkpoint to use (<out-dir>/<stage>/best.pt)")
-    parser.add_argument("--ckpt", type=Path, default=None,
-                        help="any LR checkpoint of this tool instead of --stage's")
+    parser.add_argument("--ckpt", type=Path, nargs="+", default=None, metavar="CKPT",
+                        help="LR checkpoints of this tool instead of --stage's; with several, "
+                             "their class probabilities are averaged (an ensemble of seeds, "
+                             "students, final fits)")
     parser.add_argument("--tta", action="store_true",
                         help="average the class probabilities of each image and its mirror")
     parser.add_argument("--output", type=Path, default=None,
-                        help="submission file (default: <out-dir>/<stage>/submission.csv)")
+                        help="submission file (default: <out-dir>/<stage>/submission.csv; "
+                             "with several --ckpt, <out-dir>/ensemble_submission.csv)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing submission file")
     args = parser.parse_args()
     require_at_least_one({"--batch-size": args.batch_size})
-    ckpt = args.ckpt or args.out_dir / args.stage / "best.pt"
-    output = args.output or args.out_dir / args.stage / "submission.csv"
+    ckpts = args.ckpt or [args.out_dir / args.stage / "best.pt"]
+    if len(set(map(str, ckpts))) != len(ckpts):
+        raise ToolError("--ckpt: each checkpoint once (a repeated one would weigh double)")
+    output = args.output or (args.out_dir / "ensemble_submission.csv" if len(ckpts) > 1
+                             else args.out_dir / args.stage / "submission.csv")
     if output.exists() and not args.overwrite:
         raise ToolError(f"{output} exists; pass --overwrite to replace it or --output elsewhere")
     ensure_writable_dir(output.parent, "--output folder")
     # Data made by make_demo_data.py come with test.csv's labels: the submission is scored.
     holdout = read_holdout_labels(args.data_dir)
     runtime = runtime_for(args, pick_device(args.device))
-    submission = predict_test_set(args.data_dir, ckpt, cache_dir_for(args), args.batch_size,
+    submission = predict_test_set(args.data_dir, ckpts, cache_dir_for(args), args.batch_size,
                                   runtime, args.tta)
     write_csv(output, submission)
     counts = submission["label"].value_counts()
+    used = (f"the mean probabilities of {len(ckpts)} checkpoints: "
+            f"{', '.join(map(str, ckpts))}" if len(ckpts) > 1 else f"{ckpts[0]}")
     print(f"{len(submission)} predictions ({len(counts)} distinct labels"
-          f"{', with flip TTA' if args.tta else ''}) -> {output}")
+          f"{', with flip TTA' if args.tta else ''}) from {used} -> {output}")
     if holdout is not None:
         scores = holdout_scores(submission, holdout, output)
         print(f"held-out ({HOLDOUT_LABELS}): accuracy {100 * scores['accuracy']:.2f}%  "

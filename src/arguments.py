@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from .cli import ToolError, require_at_least_one
-from .models import TESTED_ARCHS
+from .models import TESTED_ARCHS, checkpoint_stage
 from .lr_render import DEGRADATIONS
 from .recipes import DEFAULT_RECIPE, NEEDS_UNLABELLED, RECIPES, recipe_defaults, \
     recipe_text
@@ -161,6 +161,14 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                            "split a balanced subset of N labelled images per class, drawn "
                            "once and saved in split.csv, instead of every image (quick "
                            "iterations on large data); default: every image")
+    runs.add_argument("--final-fit", action="store_true",
+                      help="the last step of a competition, once a recipe and budget are "
+                           "chosen: train on every labelled image of the split (train, val "
+                           "and test rows) with no validation, into <out-dir>/<stage>_final; "
+                           "needs a fixed budget (--schedule cosine --select-by last, as the "
+                           "consistent and transfer recipes set); submit it with predict.py "
+                           "--ckpt, never score it with the test scripts (it trained on their "
+                           "images)")
     runs.add_argument("--resume", action="store_true",
                       help="continue this stage from <out-dir>/<stage>/last.pt with the "
                            "same settings")
@@ -334,6 +342,11 @@ def check_arguments(args) -> None:
             and args.unlabelled is None:
         raise ToolError(f"--recipe {args.recipe} needs --unlabelled PATH: images without labels "
                         f"for the teacher to label (a folder, or a CSV with upscale_img_path)")
+    if getattr(args, "final_fit", False) and (args.schedule, args.monitor) != ("cosine", "last"):
+        raise ToolError(f"--final-fit trains with no validation images, so nothing can stop "
+                        f"it early or select an epoch: give a fixed budget with --schedule "
+                        f"cosine --select-by last (or --recipe consistent), not --schedule "
+                        f"{args.schedule} --select-by {args.monitor}")
     if getattr(args, "schedule", None) == "cosine" and args.warmup_epochs >= args.epochs:
         raise ToolError(f"--warmup-epochs {args.warmup_epochs} leaves nothing of --epochs "
                         f"{args.epochs} for the cosine decay")
@@ -356,6 +369,38 @@ def parse_train_arguments(stage: str, argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def distillation_flags() -> set[str]:
+    """The KD student's own flags (the 'distillation' group): the other stages lack them."""
+    parser = train_parser("kd_student")
+    group = next(group for group in parser._action_groups if group.title == "distillation")
+    return {option for action in group._group_actions for option in action.option_strings}
+
+
+def stage_flags(stage: str, flags: list[str]) -> list[str]:
+    """The ``flags`` a stage takes: all for the KD student; for the teacher and the baseline
+    student, all less the distillation ones and their values, so a baseline trains as its
+    KD student does without the teacher (``--recipe transfer --unlabelled X`` included)."""
+    if stage == "kd_student":
+        return list(flags)
+    kd_only, kept, skipping = distillation_flags(), [], False
+    for token in flags:
+        if token.startswith("--"):
+            skipping = token.split("=")[0] in kd_only
+        if not skipping:
+            kept.append(token)
+    return kept
+
+
+def check_stage_flags(stage: str, flags: list[str], what: str) -> None:
+    """A runner's check, before it trains anything, that ``train_<stage>.py`` takes
+    ``flags``; argparse's own error is printed above the one line naming ``what``."""
+    try:
+        check_arguments(parse_train_arguments(stage, flags))
+    except SystemExit:
+        raise ToolError(f"{what} is not valid for train_{stage}.py (its error is above)") \
+            from None
+
+
 def _preset_for(parser: argparse.ArgumentParser, stage: str, argv) -> dict:
     """The ``--recipe`` preset's settings that apply to this stage and these flags. A
     preset's ``alpha`` and ``beta`` weigh the kd term against the cross-entropy: with no kd
@@ -368,13 +413,28 @@ def _preset_for(parser: argparse.ArgumentParser, stage: str, argv) -> dict:
     return preset
 
 
-def preset_overrides(stage: str, argv) -> list[str]:
-    """One line per flag given explicitly that replaces a value of the ``--recipe`` preset."""
+def replaced_preset_values(stage: str, argv) -> dict[str, tuple]:
+    """The ``--recipe`` preset's values that flags given explicitly replace, as
+    ``{option: (given value, preset's value)}``."""
     parser = train_parser(stage)
     preset, args = _preset_for(parser, stage, argv), parse_train_arguments(stage, argv)
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
-    return [f"note: {action.option_strings[0]} {getattr(args, action.dest)} replaces the "
-            f"{args.recipe} preset's {preset[action.dest]}"
+    return {action.option_strings[0]: (getattr(args, action.dest), preset[action.dest])
             for action in parser._actions
             if action.dest in preset and given & set(action.option_strings)
-            and getattr(args, action.dest) != preset[action.dest]]
+            and not _same_setting(action.dest, preset[action.dest], getattr(args, action.dest))}
+
+
+def preset_overrides(stage: str, argv) -> list[str]:
+    """One line per flag given explicitly that replaces a value of the ``--recipe`` preset."""
+    recipe = parse_train_arguments(stage, argv).recipe
+    return [f"note: {option} {given} replaces the {recipe} preset's {preset}"
+            for option, (given, preset) in replaced_preset_values(stage, argv).items()]
+
+
+def _same_setting(dest: str, preset_value, value) -> bool:
+    """Whether an explicit value is the preset's: a teacher's checkpoint named by its path
+    is the preset's ``--weights teacher`` (the runners name the split's teacher so)."""
+    if dest == "weights" and preset_value == "teacher" and value not in ("none", "imagenet"):
+        return checkpoint_stage(value) == "teacher"
+    return value == preset_value

@@ -27,7 +27,8 @@ from .distill import normalised_teacher_weights
 from .predict import holdout_scores, predict_test_set, read_holdout_labels, score_teachers
 from .recipes import RECIPES
 from .seeds import run_stage_in
-from .arguments import check_arguments, jsonable, parse_train_arguments, train_parser
+from .arguments import check_stage_flags, jsonable, parse_train_arguments, \
+    replaced_preset_values, stage_flags
 from .stages import load_saved_split, with_teacher_weights
 from .stats import gap_closed, mean_and_std
 from .trainer import Runtime
@@ -53,22 +54,19 @@ def parse_recipe(spec: str) -> tuple[str, list[str]]:
         raise ToolError(f"--recipes {spec!r}: {error}") from None
 
 
-def distillation_flags() -> set[str]:
-    """The KD student's own flags (the 'distillation' group): a baseline does without."""
-    parser = train_parser("kd_student")
-    group = next(group for group in parser._action_groups if group.title == "distillation")
-    return {option for action in group._group_actions for option in action.option_strings}
-
-
-def baseline_flags(flags: list[str]) -> list[str]:
-    """``flags`` less every distillation flag and its values."""
-    kd_only, kept, skipping = distillation_flags(), [], False
-    for token in flags:
-        if token.startswith("--"):
-            skipping = token.split("=")[0] in kd_only
-        if not skipping:
-            kept.append(token)
-    return kept
+def keep_preset_settings(name: str, flags: list[str], common: list[str]) -> list[str]:
+    """A preset named in --recipes keeps its own settings over the flags shared by every
+    recipe (after --): ``--recipes consistent teacher-init -- --weights none`` compares
+    teacher-init as it is, not as plain consistent. Says so for each setting kept."""
+    if flags != ["--recipe", name]:
+        return flags        # NAME=FLAGS: the user's own flags, which follow the shared ones
+    kept = []
+    for option, (shared, preset) in replaced_preset_values(
+            "kd_student", [*common, *flags]).items():
+        print(f"note: recipe {name} keeps its preset's {option} {preset} over the shared "
+              f"{option} {shared}")
+        kept += [option, str(preset)]
+    return [*flags, *kept]
 
 
 def uses_flag(flags: list[str], flag: str) -> bool:
@@ -116,20 +114,23 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
     applied_weights = normalised_teacher_weights(teacher_weights, len(teachers))
     teacher_flags = ["--teacher-ckpt", *map(str, teachers)] + (
         ["--teacher-weights", *map(str, teacher_weights)] if teacher_weights else [])
+    for name, flags in recipes.items():
+        recipes[name] = keep_preset_settings(name, flags, common)
     versus = versus or next(iter(recipes))
     if versus not in recipes:
         raise ToolError(f"--versus {versus!r} is not one of --recipes")
     # Every recipe's settings are checked before any training starts.
     for name, flags in recipes.items():
-        checks = [("kd_student", for_seed(flags, seeds[0])), ("student", baseline_flags(flags))]
+        if uses_flag(flags, "--final-fit"):
+            raise ToolError(f"recipe {name}: --final-fit trains on the test images the "
+                            f"comparison scores on; final-fit the chosen recipe with the "
+                            f"train scripts")
+        checks = [("kd_student", for_seed(flags, seeds[0])),
+                  ("student", stage_flags("student", flags))]
         if uses_unlabelled(flags):
             checks.append(("kd_student", self_training_flags(flags, 0, Path("baseline"))))
-        for stage, stage_flags in checks:
-            try:
-                check_arguments(parse_train_arguments(stage, [*common, *stage_flags]))
-            except SystemExit:
-                raise ToolError(f"recipe {name}: {' '.join(stage_flags)} is not valid for "
-                                f"train_{stage}.py (its error is above)") from None
+        for stage, checked in checks:
+            check_stage_flags(stage, [*common, *checked], f"recipe {name}: {' '.join(checked)}")
     split = load_saved_split(data_dir, out_dir)
     runtime = Runtime(pick_device("auto"), amp=False, channels_last=False)
     test_rows = split.rows("test")
@@ -149,7 +150,7 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
         # --weights teacher (a flag or a preset's) starts from the first teacher's file.
         flags = with_teacher_weights("kd_student", [*common, *flags], teachers[0])
         recipes[name] = flags
-        student_flags = baseline_flags(flags)
+        student_flags = stage_flags("student", flags)
         settings = jsonable(parse_train_arguments("student", student_flags))
         owner = baselines.setdefault(json.dumps(settings, sort_keys=True), name)
         folders[name] = (out_dir / "recipes" / owner, out_dir / "recipes" / name)
@@ -255,7 +256,7 @@ def _holdout_scores(stage_dir: Path, data_dir: Path, out_dir: Path,
         predicted = pd.read_csv(saved, dtype=str, keep_default_na=False)
     else:
         runtime = Runtime(pick_device("auto"), amp=False, channels_last=False)
-        predicted = predict_test_set(data_dir, stage_dir / "best.pt", Path(out_dir) / "cache",
+        predicted = predict_test_set(data_dir, [stage_dir / "best.pt"], Path(out_dir) / "cache",
                                      256, runtime, tta=False)
         write_csv(saved, predicted)
     return holdout_scores(predicted, holdout, saved)

@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -113,6 +113,11 @@ class Split:
     def indices(self, subset: str) -> np.ndarray:
         """Positions of a subset's rows in ``frame`` (and so in the image cache)."""
         return np.flatnonzero(self.frame["subset"].to_numpy() == subset)
+
+    def all_for_training(self) -> "Split":
+        """The same split with every labelled row in training (``--final-fit``): same rows,
+        order and fingerprint, so caches of its images and teacher logits still apply."""
+        return replace(self, frame=self.frame.assign(subset="train"))
 
     def label_ids(self) -> np.ndarray:
         lookup = {name: index for index, name in enumerate(self.classes)}

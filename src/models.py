@@ -129,6 +129,16 @@ def load_checkpoint(path: Path, classes: list[str] | None = None,
     return model, {key: value for key, value in checkpoint.items() if key != "model"}
 
 
+def checkpoint_stage(path) -> str | None:
+    """The stage (teacher, student, kd_student) that saved the checkpoint at ``path``; None
+    for anything else (a missing, unreadable or foreign file: load_checkpoint names why)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return checkpoint.get("stage") if isinstance(checkpoint, dict) else None
+
+
 def load_teacher(ckpt: Path, classes: list[str],
                  resolution: str = "hr") -> tuple[nn.Module, dict]:
     """A teacher's checkpoint, trained on ``classes``: what a KD student learns from. An

@@ -15,30 +15,27 @@ from .distill import normalised_teacher_weights
 from .models import load_checkpoint, load_teacher
 
 
-def predict_test_set(data_dir: Path, ckpt: Path, cache_dir: Path | None, batch_size: int,
-                     runtime, tta: bool) -> pd.DataFrame:
-    """Predicted label names for every row of ``test.csv``, in its order.
+def predict_test_set(data_dir: Path, ckpts: list[Path], cache_dir: Path | None,
+                     batch_size: int, runtime, tta: bool) -> pd.DataFrame:
+    """Predicted label names for every row of ``test.csv``, in its order: the class with
+    the highest probability averaged over ``ckpts`` (an ensemble: seeds, students, a final
+    fit), each LR checkpoint trained on the same class list.
 
     With ``tta`` the class probabilities of each image and its mirror image are averaged.
     """
     table = read_test_table(data_dir)
-    model, meta = load_checkpoint(ckpt, what="checkpoint")
-    if meta["resolution"] != "lr":
-        raise ToolError(f"{ckpt} is an HR model; test.csv has only LR images, so predict "
-                        f"with a student (student or kd_student)")
-    labels = predict_images(model, meta, ckpt, data_dir, table["img_path"].tolist(), cache_dir,
-                            "TEST", batch_size, runtime, tta)
+    probabilities, classes = 0, None
+    for ckpt in ckpts:
+        model, meta = load_checkpoint(ckpt, classes, what="checkpoint")
+        if meta["resolution"] != "lr":
+            raise ToolError(f"{ckpt} is an HR model; test.csv has only LR images, so predict "
+                            f"with a student (student or kd_student)")
+        classes = meta["classes"]
+        probabilities = probabilities + predict_probabilities(
+            model, meta, ckpt, data_dir, table["img_path"].tolist(), cache_dir, "TEST",
+            batch_size, runtime, tta) / len(ckpts)
+    labels = [classes[index] for index in probabilities.argmax(1).tolist()]
     return pd.DataFrame({"ID": table["ID"], "label": labels})
-
-
-def predict_images(model, meta: dict, ckpt: Path, data_dir: Path, relative_paths: list[str],
-                   cache_dir: Path | None, description: str, batch_size: int, runtime,
-                   tta: bool) -> list[str]:
-    """Label names a checkpoint's model predicts for images (whole images, resized)."""
-    probabilities = predict_probabilities(model, meta, ckpt, data_dir, relative_paths,
-                                          cache_dir, description, batch_size, runtime, tta)
-    classes = meta["classes"]
-    return [classes[index] for index in probabilities.argmax(1).tolist()]
 
 
 @torch.no_grad()

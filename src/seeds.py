@@ -17,7 +17,7 @@ import numpy as np
 from .cli import ToolError, publish_table, read_json
 from .data import load_or_create_split
 from .distributed import launcher
-from .arguments import STAGES
+from .arguments import STAGES, check_stage_flags, stage_flags
 from .stats import mean_and_std
 from .stages import check_kept_run, with_teacher_weights
 from .trainer import run_status
@@ -28,19 +28,27 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str],
               train_args: list[str], split_seed: int, processes: int = 1) -> dict:
     out_dir = Path(out_dir)
-    load_or_create_split(data_dir, out_dir, split_seed)      # the one shared split
     teacher_ckpt = out_dir / "teacher" / "best.pt"
     if "kd_student" in stages and "teacher" not in stages and not teacher_ckpt.exists():
         raise ToolError(f"kd_student needs a teacher: train it first ({teacher_ckpt} not "
                         f"found) or add teacher to --stages")
+
+    def flags_for(stage: str, seed: int) -> list[str]:
+        # Each stage gets the flags it takes: the distillation ones go to the KD student.
+        flags = ["--seed", str(seed), *stage_flags(stage, train_args)]
+        if "teacher" not in stages:
+            # The students learn from (and may start from) the main folder's teacher.
+            flags = with_teacher_weights(stage, flags, teacher_ckpt)
+            if stage == "kd_student":
+                flags += ["--teacher-ckpt", str(teacher_ckpt)]
+        return flags
+    # Every stage's flags are checked before anything trains.
+    for stage in stages:
+        check_stage_flags(stage, flags_for(stage, seeds[0]), f"flags after -- ({' '.join(train_args)})")
+    load_or_create_split(data_dir, out_dir, split_seed)      # the one shared split
     for seed in seeds:
         for stage in stages:
-            flags = ["--seed", str(seed), *train_args]
-            if "teacher" not in stages:
-                # The students learn from (and may start from) the main folder's teacher.
-                flags = with_teacher_weights(stage, flags, teacher_ckpt)
-                if stage == "kd_student":
-                    flags += ["--teacher-ckpt", str(teacher_ckpt)]
+            flags = flags_for(stage, seed)
             run_stage_in(out_dir / "seeds" / f"seed{seed}", stage, out_dir, data_dir,
                          flags, f"seed {seed}: {stage}", processes)
     summary = summarize(out_dir, seeds, stages)

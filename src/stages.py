@@ -209,7 +209,9 @@ def train_main(stage: str, argv=None) -> int:
         print(line)
     resolution = STAGES[stage]["resolution"]
     out_dir = ensure_writable_dir(args.out_dir)
-    stage_dir = out_dir / stage
+    # A final fit is its own run beside the split's, never mistaken for it by the test
+    # scripts, the runners or a KD student's default teacher.
+    stage_dir = out_dir / (f"{stage}_final" if args.final_fit else stage)
     args_dict = jsonable(args)
     if _prepare_stage_dir(stage_dir, args) == "finished":  # only reachable with --resume
         # Another --epochs (a longer budget) is refused like any other setting, with the
@@ -236,6 +238,8 @@ def train_main(stage: str, argv=None) -> int:
     with distributed.main_process_first():
         split = load_or_create_split(args.data_dir, out_dir, args.seed,
                                      per_class=args.split_per_class)
+    if args.final_fit:
+        split = split.all_for_training()
     view_sizes = {resolution: args.input_size}
     teachers, teacher_metas, teacher_ckpts, teacher_resolution = [], [], [], None
     if stage == "kd_student":
@@ -323,7 +327,8 @@ def train_main(stage: str, argv=None) -> int:
 
     print(f"{STAGES[stage]['title']}: {args.arch} ({args.weights} weights) on "
           f"{resolution.upper()} {images.image_size(resolution)}px -> {args.input_size}px, "
-          f"{len(split.indices('train'))} train / {len(split.indices('val'))} val images, "
+          f"{len(split.indices('train'))} train / {len(split.indices('val'))} val images"
+          + (" (final fit: every labelled image)" if args.final_fit else "") + ", "
           + (f"{unlabelled['used']} unlabelled ({args.unlabelled_ratio:g} per labelled image "
              f"in a batch), " if unlabelled else "")
           + (f"layer-wise lr decay {args.layer_decay:g}, " if args.layer_decay != 1 else "")

@@ -227,7 +227,7 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
     stage_dir = Path(stage_dir)
     context = distributed.current()
     train_idx, val_idx = images.split.indices("train"), images.split.indices("val")
-    if len(val_idx) < context.world_size:
+    if 0 < len(val_idx) < context.world_size:
         raise ToolError(f"{len(val_idx)} validation images cannot be shared among "
                         f"{context.world_size} processes; use fewer processes")
     # Unlabelled rows (a transfer set) join every training batch; see transfer.py.
@@ -273,8 +273,10 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
                                 scheduler if cfg.schedule == "cosine" else None, trainer,
                                 labelled_counts)
         distributed.broadcast_buffers(objective)
+        # A final fit (--final-fit) has no validation rows: its figures are NaN.
         val = evaluate(objective, images, val_idx, cfg.view_sizes, cfg.batch_size, runtime,
-                       f"epoch {epoch}/{cfg.epochs} val", shared=True)
+                       f"epoch {epoch}/{cfg.epochs} val", shared=True) if len(val_idx) \
+            else {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
         if cfg.schedule == "plateau":
             scheduler.step(val["loss"])
         seconds = time.perf_counter() - start

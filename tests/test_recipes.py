@@ -308,39 +308,6 @@ def test_hard_labels_objective_uses_the_mix():
                             F.cross_entropy(logits, torch.tensor([0, 2])).item())
 
 
-@pytest.mark.parametrize("runner", ["compare_recipes.py", "run_seeds.py"])
-def test_teacher_init_preset_starts_from_the_splits_teacher_through_runners(
-        finished_run, tmp_path, runner):
-    """The preset's --weights teacher means the split's teacher in a runner's seed folders
-    too (it used to be looked for inside them, after the earlier runs had trained)."""
-    import json
-    import shutil
-    data_dir, out_dir, _, _ = finished_run
-    run = tmp_path / "run"
-    run.mkdir()
-    for name in ("split.csv", "split.json"):
-        shutil.copy(out_dir / name, run / name)
-    (run / "teacher").mkdir()
-    teacher = run / "teacher" / "best.pt"
-    shutil.copy(out_dir / "teacher" / "best.pt", teacher)
-    # No --weights here: an explicit one would replace the preset's (and say so).
-    budget = ["--arch", "resnet18", "--input-size", "32", "--epochs", "2", "--batch-size", "8",
-              "--lr", "1e-3"]
-    if runner == "compare_recipes.py":
-        args = ["--recipes", "teacher-init", "--seeds", "0", "--", *budget]
-        folders = {"student": run / "recipes" / "teacher-init" / "seed0",
-                   "kd_student": run / "recipes" / "teacher-init" / "seed0"}
-    else:
-        args = ["--seeds", "0", "--", "--recipe", "teacher-init", *budget]
-        folders = {stage: run / "seeds" / "seed0" for stage in ("student", "kd_student")}
-    result = run_script(runner, "--data-dir", data_dir, "--out-dir", run, *args, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    for stage, folder in folders.items():
-        config = json.loads((folder / stage / "config.json").read_text())
-        assert config["args"]["recipe"] == "teacher-init"
-        assert config["args"]["weights"] == str(teacher), stage
-
-
 @pytest.mark.parametrize("monitor,best_epoch", [("val_macro_f1", 3), ("val_acc", 2),
                                                 ("val_loss", 4)])
 def test_select_by_keeps_the_epoch_best_on_its_own_measure(monkeypatch, tmp_path, monitor,

@@ -6,8 +6,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from src.models import load_checkpoint
+from src.predict import predict_probabilities
+from src.trainer import Runtime
 
 FIGURES = ("test_accuracy_comparison", "kd_vs_hard_train_acc", "kd_vs_hard_train_loss",
            "kd_vs_hard_val_acc", "kd_vs_hard_val_loss", "per_class_f1", "confusion_matrix",
@@ -84,6 +88,70 @@ def test_predict_writes_one_row_per_test_id_in_order(finished_run, tmp_path):
     teacher = run_script("predict.py", "--data-dir", data_dir, "--out-dir", out_dir,
                          "--ckpt", out_dir / "teacher" / "best.pt", "--output", tmp_path / "t.csv")
     assert_one_line_error(teacher, "is an HR model", "test.csv has only LR images")
+
+
+def test_predict_averages_the_probabilities_of_several_checkpoints(finished_run, tmp_path):
+    data_dir, out_dir, _, _ = finished_run
+    # Members that must disagree: the student, and the same with its classifier negated
+    # (its ranking reversed), beside the KD student.
+    negated = torch.load(out_dir / "student" / "best.pt", weights_only=True)
+    for name in ("fc.weight", "fc.bias"):
+        negated["model"][name] = -negated["model"][name]
+    torch.save(negated, tmp_path / "negated.pt")
+    ckpts = [out_dir / "student" / "best.pt", tmp_path / "negated.pt",
+             out_dir / "kd_student" / "best.pt"]
+    result = run_script("predict.py", "--data-dir", data_dir, "--out-dir", tmp_path,
+                        "--ckpt", *ckpts, "--tta")
+    assert result.returncode == 0, result.stderr
+    assert f"the mean probabilities of 3 checkpoints: {', '.join(map(str, ckpts))}" \
+        in result.stdout
+    submission = pd.read_csv(tmp_path / "ensemble_submission.csv")
+    # Recomputed here, one checkpoint at a time: the mean of their TTA probabilities.
+    runtime = Runtime(torch.device("cpu"), amp=False, channels_last=False)
+    paths = pd.read_csv(data_dir / "test.csv")["img_path"].tolist()
+    each = []
+    for ckpt in ckpts:
+        model, meta = load_checkpoint(ckpt)
+        each.append(predict_probabilities(model, meta, ckpt, data_dir, paths, None, "TEST", 4,
+                                          runtime, tta=True))
+    expected = [meta["classes"][i] for i in (sum(each) / 3).argmax(1).tolist()]
+    assert submission["label"].tolist() == expected
+    singles = [[meta["classes"][i] for i in probs.argmax(1).tolist()] for probs in each]
+    assert singles[0] != singles[1]     # else one member alone could pass for the mean
+    twice = run_script("predict.py", "--data-dir", data_dir, "--out-dir", tmp_path,
+                       "--ckpt", ckpts[0], ckpts[0])
+    assert_one_line_error(twice, "each checkpoint once")
+    mixed = run_script("predict.py", "--data-dir", data_dir, "--out-dir", tmp_path,
+                       "--ckpt", ckpts[0], out_dir / "teacher" / "best.pt",
+                       "--output", tmp_path / "mixed.csv")
+    assert_one_line_error(mixed, "is an HR model")
+    assert not (tmp_path / "mixed.csv").exists()
+
+
+def test_final_fit_trains_on_every_labelled_image_into_its_own_folder(finished_run,
+                                                                       tmp_path):
+    data_dir, out_dir, _, _ = finished_run
+    run = Path(shutil.copytree(out_dir, tmp_path / "run"))
+    kept = (run / "kd_student" / "best.pt").read_bytes()
+    common = ["--data-dir", data_dir, "--out-dir", run, *TINY_TRAIN_ARGS, "--final-fit"]
+    no_budget = run_script("train_kd_student.py", *common)
+    assert_one_line_error(no_budget, "--final-fit", "--schedule cosine --select-by last")
+    result = run_script("train_kd_student.py", *common, "--recipe", "consistent",
+                        "--warmup-epochs", "0.5")
+    assert result.returncode == 0, result.stderr
+    labelled = len(pd.read_csv(data_dir / "train.csv"))
+    assert f"{labelled} train / 0 val images (final fit: every labelled image)" in result.stdout
+    final = run / "kd_student_final"
+    assert json.loads((final / "config.json").read_text())["args"]["final_fit"] is True
+    history = pd.read_csv(final / "history.csv")
+    assert history["val_acc"].isna().all() and history["train_acc"].notna().all()
+    # Trained on the test rows too: the split's own run is untouched, and its test scripts
+    # never read the final fit.
+    assert (run / "kd_student" / "best.pt").read_bytes() == kept
+    submission = run_script("predict.py", "--data-dir", data_dir, "--out-dir", run, "--ckpt",
+                            final / "best.pt", run / "kd_student" / "best.pt")
+    assert submission.returncode == 0, submission.stderr
+    assert "held-out (test_labels.csv): accuracy" in submission.stdout
 
 
 def test_run_seeds_reports_mean_and_std_on_one_split(tiny_data, tmp_path):
