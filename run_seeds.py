@@ -3,7 +3,8 @@
 Every seed uses a copy of <out-dir>/split.csv (the same images for all), its own folder
 <out-dir>/seeds/seed<k>/, and the same training settings (anything after -- goes to every
 train script that takes it: the distillation flags to the KD student only, so the baseline
-trains as its KD student does without the teacher). Rerunning continues: finished seeds are kept, interrupted ones resumed.
+trains as its KD student does without the teacher). Rerunning continues: finished seeds are
+kept, interrupted ones resumed.
 
     python run_seeds.py --seeds 0 1 2 -- --epochs 30
     python run_seeds.py --seeds 0 1 2 --stages student kd_student   # teacher from <out-dir>

@@ -44,7 +44,8 @@ def run_seeds(data_dir: Path, out_dir: Path, seeds: list[int], stages: list[str]
         return flags
     # Every stage's flags are checked before anything trains.
     for stage in stages:
-        check_stage_flags(stage, flags_for(stage, seeds[0]), f"flags after -- ({' '.join(train_args)})")
+        check_stage_flags(stage, flags_for(stage, seeds[0]),
+                          f"flags after -- ({' '.join(train_args)})")
     load_or_create_split(data_dir, out_dir, split_seed)      # the one shared split
     for seed in seeds:
         for stage in stages:
