@@ -32,8 +32,9 @@ def main() -> int:
     parser.add_argument("--tta", action="store_true",
                         help="average the class probabilities of each image and its mirror")
     parser.add_argument("--output", type=Path, default=None,
-                        help="submission file (default: <out-dir>/<stage>/submission.csv; "
-                             "with several --ckpt, <out-dir>/ensemble_submission.csv)")
+                        help="submission file (default: submission.csv beside the checkpoint, "
+                             "<out-dir>/<stage>/ without --ckpt; with several --ckpt, "
+                             "<out-dir>/ensemble_submission.csv)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing submission file")
     args = parser.parse_args()
@@ -42,7 +43,7 @@ def main() -> int:
     if len(set(map(str, ckpts))) != len(ckpts):
         raise ToolError("--ckpt: each checkpoint once (a repeated one would weigh double)")
     output = args.output or (args.out_dir / "ensemble_submission.csv" if len(ckpts) > 1
-                             else args.out_dir / args.stage / "submission.csv")
+                             else ckpts[0].parent / "submission.csv")
     if output.exists() and not args.overwrite:
         raise ToolError(f"{output} exists; pass --overwrite to replace it or --output elsewhere")
     ensure_writable_dir(output.parent, "--output folder")

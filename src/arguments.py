@@ -393,12 +393,18 @@ def stage_flags(stage: str, flags: list[str]) -> list[str]:
 
 def check_stage_flags(stage: str, flags: list[str], what: str) -> None:
     """A runner's check, before it trains anything, that ``train_<stage>.py`` takes
-    ``flags``; argparse's own error is printed above the one line naming ``what``."""
+    ``flags``; argparse's own error is printed above the one line naming ``what``. A runner
+    scores every run on the split's test images, which ``--final-fit`` trains on: refused."""
     try:
-        check_arguments(parse_train_arguments(stage, flags))
+        args = parse_train_arguments(stage, flags)
     except SystemExit:
         raise ToolError(f"{what} is not valid for train_{stage}.py (its error is above)") \
             from None
+    if args.final_fit:
+        raise ToolError(f"{what}: --final-fit trains on the split's test images, which the "
+                        f"runner scores runs on; run train_*.py --final-fit yourself once the "
+                        f"recipe is chosen")
+    check_arguments(args)
 
 
 def _preset_for(parser: argparse.ArgumentParser, stage: str, argv) -> dict:

