@@ -143,9 +143,10 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
     folders = {}                        # recipe -> (its baseline's folder, its own folder)
     self_training = {}                  # recipe with --unlabelled -> its self-training folder
     for name, flags in recipes.items():
-        # --weights teacher (a flag or a preset's) starts from the first teacher's file.
-        flags = with_teacher_weights("kd_student", [*common, *flags], teachers[0])
-        recipes[name] = flags
+        # --weights teacher (a flag or a preset's) starts from the first teacher's file;
+        # the summary keeps the flags as given (recipes[name]).
+        recipes[name] = [*common, *flags]
+        flags = with_teacher_weights("kd_student", recipes[name], teachers[0])
         student_flags = stage_flags("student", flags)
         settings = jsonable(parse_train_arguments("student", student_flags))
         owner = baselines.setdefault(json.dumps(settings, sort_keys=True), name)

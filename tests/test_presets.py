@@ -81,6 +81,9 @@ def test_every_preset_through_every_runner(split_with_teacher, tmp_path, preset,
                "shared --weights none"
         assert (kept in result.stdout) == (preset == "teacher-init")
         folder = run / "recipes" / preset / "seed0"
+        # The summary records the recipe's flags as given, not the runner's teacher path.
+        summary = json.loads((run / "recipes" / "summary.json").read_text())
+        assert str(run / "teacher") not in " ".join(summary["recipes"][0]["flags"])
     assert "replaces the" not in result.stdout          # nothing overrode the preset
     for stage in ("student", "kd_student"):
         saved = json.loads((folder / stage / "config.json").read_text())
