@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from types import SimpleNamespace
 
@@ -40,6 +41,17 @@ def run_worker(stage: str, record, *args, processes: int = 2, env: dict | None =
         cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         # One thread a process: two processes share the 2-core CI machine.
         env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_RECORD": str(record), **(env or {})})
+
+
+def assert_every_rank_refuses(result, message: str) -> None:
+    """Each process ends with the same one ``error:`` line, starting with ``message``. torchrun's own launcher then
+    prints a traceback of its ChildFailedError; no frame may come from this project."""
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and len(set(errors)) == 1, result.stderr
+    assert errors[0].startswith(message), errors[0]
+    own_frames = re.findall(rf'File "{re.escape(str(ROOT))}/(?!\.venv/)[^"]*"', result.stderr)
+    assert not own_frames, result.stderr
 
 
 def ranks(record, processes: int = 2) -> list[dict]:
@@ -195,16 +207,15 @@ def test_settings_torchrun_cannot_honour_are_refused_in_one_line(tiny_data, tmp_
                                                                  message):
     result = run_worker("teacher", tmp_path / "record", "--data-dir", tiny_data, "--out-dir",
                         tmp_path / "run", *TINY_TRAIN_ARGS, *flags, timeout=120)
-    assert result.returncode != 0
-    assert message in result.stderr
+    assert_every_rank_refuses(result, message)
     assert not (tmp_path / "run" / "teacher").exists()
 
 
 def test_a_global_batch_too_small_for_the_processes_is_refused(tiny_data, tmp_path):
     result = run_worker("teacher", tmp_path / "record", "--data-dir", tiny_data, "--out-dir",
                         tmp_path / "run", *TINY_TRAIN_ARGS, "--batch-size", "3", timeout=120)
-    assert result.returncode != 0
-    assert "--batch-size 3 is the global batch" in result.stderr
+    assert_every_rank_refuses(result, "error: --batch-size 3 is the global batch: it must "
+                                      "give each of the 2 processes at least 2 images")
 
 
 def test_too_few_validation_images_for_the_processes_is_refused(monkeypatch, tmp_path):
