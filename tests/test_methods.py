@@ -150,6 +150,44 @@ def test_amd_global_and_local_weighting():
         0.8 * only_global.item() + 0.2 * only_local.item(), rel=1e-5)
 
 
+def test_amd_global_loss_matches_a_hand_worked_value():
+    """Student attention (1, 0, 0, 0) over a 2x2 map, the teacher's (1, 1, 1, 1) (summed
+    over two channels): normalised, q_s = (1, 0, 0, 0) and q_t = (1/2, 1/2, 1/2, 1/2)."""
+    s, m = 64.0, 1.35
+    student = torch.zeros(1, 2, 2, 2)
+    student[0, 0, 0, 0] = 1.0
+    teacher = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]])
+    # Student at q = 1: psi = s cos(0) = s, nu = s (1 - 1) = 0, log-prob psi - log(e^psi +
+    # e^nu) = 0 (to e^-64). At q = 0: psi = s cos(m pi/2), nu = s, log-prob = psi - s (to
+    # e^-97, since s >> psi).
+    psi0 = s * math.cos(m * math.pi / 2)
+
+    def unit(values):
+        norm = math.sqrt(sum(v * v for v in values))
+        return [v / norm for v in values]
+    student_maps = [unit([0.0, psi0 - s, psi0 - s, psi0 - s]), unit([s, psi0, psi0, psi0]),
+                    unit([0.0, s, s, s])]
+    # The teacher's maps are constant over the locations: each normalises to +-1/2
+    # (log-prob < 0; psi = s cos(m pi/3) > 0; nu = s/2 > 0).
+    teacher_maps = [[-0.5] * 4, [0.5] * 4, [0.5] * 4]
+    expected = sum(sum((a - b) ** 2 for a, b in zip(sm, tm)) / 4
+                   for sm, tm in zip(student_maps, teacher_maps)) / 3
+    assert expected == pytest.approx(0.2464, abs=1e-4)       # worked by hand as well
+    assert amd_loss(student, teacher, global_weight=1.0).item() == pytest.approx(expected,
+                                                                                  rel=1e-5)
+
+
+def test_amd_local_loss_is_the_mean_over_the_four_quadrants():
+    torch.manual_seed(2)
+    student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    quadrants = [(slice(0, 2), slice(0, 2)), (slice(0, 2), slice(2, 4)),
+                 (slice(2, 4), slice(0, 2)), (slice(2, 4), slice(2, 4))]
+    each = [amd_loss(student[..., rows, cols], teacher[..., rows, cols], global_weight=1.0)
+            for rows, cols in quadrants]
+    assert amd_loss(student, teacher, global_weight=0.0).item() == pytest.approx(
+        sum(each).item() / 4, rel=1e-5)
+
+
 def _pair(student_arch="resnet18", teacher_arch="mobilenet_v3_large"):
     torch.manual_seed(0)
     return build_model(student_arch, 5), build_model(teacher_arch, 5)
