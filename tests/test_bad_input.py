@@ -2,10 +2,12 @@
 
 import shutil
 
+import numpy as np
 import pandas as pd
 import torch
 
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, make_tiny_dataset, run_script
+from src.data import load_images
 
 
 def test_missing_data_folder(tmp_path):
@@ -205,11 +207,27 @@ def test_duplicate_image_paths(data_copy, tmp_path):
 def test_grey_rgba_and_palette_images_are_converted(data_copy, tmp_path):
     from PIL import Image
 
+    expected = {}
     for name, mode in (("TRAIN_00000.png", "L"), ("TRAIN_00001.png", "RGBA"),
                        ("TRAIN_00002.png", "P")):
         for folder in ("train", "upscale_train"):
             path = data_copy / folder / name
-            Image.open(path).convert(mode).save(path)
+            rgb = np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
+            if mode == "P":
+                # 16 colours: a palette index read as a grey level would be 0..15.
+                Image.open(path).quantize(16).save(path)
+                saved = Image.open(path)
+                palette = np.asarray(saved.getpalette()[:48], dtype=np.float64).reshape(16, 3)
+                expected[path] = palette[np.asarray(saved)]
+                assert expected[path].max() > 15 and np.abs(expected[path] - rgb).mean() < 40
+            else:
+                Image.open(path).convert(mode).save(path)
+                # Grey: ITU-R 601 luma, repeated over the three channels; RGBA: its RGB.
+                grey = rgb @ np.array([0.299, 0.587, 0.114])
+                expected[path] = np.repeat(grey[..., None], 3, -1) if mode == "L" else rgb
+    for path, pixels in expected.items():
+        decoded = load_images(path.parent, [path.name], None, "TEST", quiet=True)[0]
+        assert np.abs(decoded - pixels).max() <= 1, path
     assert run_script("check_data.py", "--data-dir", data_copy).returncode == 0
     result = run_script("train_kd_student.py", "--data-dir", data_copy,
                         "--out-dir", tmp_path / "run", *TINY_TRAIN_ARGS,
