@@ -39,6 +39,21 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in error_lines[0], error_lines[0]
 
 
+def assert_each_term_trains_the_student(terms: dict, student) -> None:
+    """Every distillation term on its own puts a gradient on the student: a term computed
+    on detached outputs would pass a check of the summed loss, since the cross-entropy
+    alone reaches every parameter."""
+    for name, value in terms.items():
+        if name == "ce":
+            continue
+        student.zero_grad(set_to_none=True)
+        value.backward(retain_graph=True)
+        moved = sum(p.grad.abs().sum().item() for p in student.parameters()
+                    if p.grad is not None)
+        assert moved > 0, f"the {name} term puts no gradient on the student"
+    student.zero_grad(set_to_none=True)
+
+
 def make_tiny_dataset(path: Path, classes: int = 4, per_class: int = 10) -> Path:
     return write_demo_dataset(path, per_class=per_class, test_images=6, lr_size=8, scale=4,
                               seed=1, num_classes=classes, progress=False)

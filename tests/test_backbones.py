@@ -15,7 +15,8 @@ from src.distill import Distiller, FeatureTap, HardLabels, LossWeights, parse_me
 from src.models import TESTED_TRANSFORMERS, build_model, load_checkpoint, save_checkpoint
 from src.trainer import parameter_groups
 
-from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from conftest import TINY_TRAIN_ARGS, assert_each_term_trains_the_student, \
+    assert_one_line_error, run_script
 
 
 def _batch(size: int = 4) -> dict:
@@ -78,6 +79,7 @@ def test_cnn_and_vit_pairs_give_finite_losses_and_right_gradients(method, studen
     _, terms = objective(views, _batch())
     assert set(terms) == {"ce", *parse_method(method)}
     assert all(torch.isfinite(value) for value in terms.values()), terms
+    assert_each_term_trains_the_student(terms, student)
     sum(terms.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     for module in (*objective.projections, *objective.generators):

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from conftest import TINY_TRAIN_ARGS, assert_each_term_trains_the_student, \
+    assert_one_line_error, run_script
 from src.cli import ToolError
 from src.distill import Distiller, LossWeights, parse_method
 from src.losses import MGDGenerator, _angular_terms, amd_loss, at_loss, cwd_loss, \
@@ -210,6 +211,7 @@ def test_mismatched_sizes_and_channels_give_finite_losses_and_right_gradients(me
         assert torch.isfinite(value), name
         if name != "ce":
             assert value.item() > 0, name
+    assert_each_term_trains_the_student(terms, student)
     sum(terms.values()).backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     for module in (*objective.projections, *objective.generators):
