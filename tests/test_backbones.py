@@ -146,11 +146,20 @@ def test_input_sizes_resize_position_embeddings_or_are_refused():
 def test_torchvision_vit_imagenet_weights_are_resized_to_the_input(monkeypatch):
     torch.manual_seed(0)
     at_224 = torch.nn.Module.state_dict(build_model("vit_b_16", 1000, input_size=224))
+    # On the 14x14 grid, channel 0 holds each patch's row and channel 1 its column.
+    rows, cols = torch.meshgrid(torch.arange(14.0), torch.arange(14.0), indexing="ij")
+    at_224["encoder.pos_embedding"][0, 1:, 0] = rows.flatten()
+    at_224["encoder.pos_embedding"][0, 1:, 1] = cols.flatten()
     monkeypatch.setattr(backbones, "_torchvision_imagenet_state", lambda arch: dict(at_224))
     model = build_model("vit_b_16", 5, "imagenet", input_size=32)
-    assert model.encoder.pos_embedding.shape[1] == 1 + 4
-    # The class token's embedding is kept; the patch grid is resampled, not reinitialised.
-    assert torch.equal(model.encoder.pos_embedding[0, 0], at_224["encoder.pos_embedding"][0, 0])
+    grid = model.encoder.pos_embedding.detach()
+    assert grid.shape[1] == 1 + 4
+    # The class token's embedding is kept; the patch grid is resampled, not reinitialised:
+    # the 2x2 grid's corners (align_corners) are the 14x14 grid's, so rows and columns
+    # come out as 0 and 13, in row-major order.
+    assert torch.equal(grid[0, 0], at_224["encoder.pos_embedding"][0, 0])
+    assert torch.allclose(grid[0, 1:, 0], torch.tensor([0.0, 0.0, 13.0, 13.0]), atol=1e-4)
+    assert torch.allclose(grid[0, 1:, 1], torch.tensor([0.0, 13.0, 0.0, 13.0]), atol=1e-4)
     assert torch.equal(model.conv_proj.weight, at_224["conv_proj.weight"])
 
 
