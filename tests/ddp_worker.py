@@ -5,8 +5,9 @@ process did; tests/test_distributed.py launches it. Not a test module itself.
 
 Environment:
     DDP_RECORD      folder for rank<k>.json (files written, rows trained on per epoch,
-                    epochs run, best epoch, early stop) and weights-rank<k>.pt (the
-                    student's final state)
+                    epochs run, best epoch, early stop, what was in force in the first
+                    step: logits' dtype, channels-last input, graphs torch.compile made)
+                    and weights-rank<k>.pt (the student's final state)
     DDP_TINY_MODEL  1: a small CNN without BatchNorm instead of --arch, so a sharded run
                     can match a single-process one to float rounding
     DDP_KILL        RANK:EPOCH:STEP: that rank kills itself (SIGKILL) at that step
@@ -32,6 +33,7 @@ written: list[str] = []
 rows_by_epoch: dict[int, list[int]] = {}
 current_epoch, steps = [0], [0]
 decisions: dict = {}
+in_force: dict = {}
 
 
 def recording(write):
@@ -74,7 +76,15 @@ def train_step(trainer_module, views, batch, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     steps[0] += 1
     rows_by_epoch.setdefault(current_epoch[0], []).extend(batch["index"].tolist())
-    return original_step(trainer_module, views, batch, *args, **kwargs)
+    result = original_step(trainer_module, views, batch, *args, **kwargs)
+    if not in_force:
+        # Observed, not echoed: autocast shows in the logits' dtype, the memory format in
+        # the strides of the images the model was given.
+        images = next(view for view in views.values() if view.dim() == 4)
+        in_force.update(logits_dtype=str(result[0].dtype),
+                        channels_last=images.is_contiguous(memory_format=torch.channels_last)
+                        and not images.is_contiguous())
+    return result
 
 
 def fit(objective, images, cfg, stage_dir, runtime, meta, resume):
@@ -83,6 +93,7 @@ def fit(objective, images, cfg, stage_dir, runtime, meta, resume):
         "state"]["epoch"] if resume else 0
     summary = original_fit(objective, images, cfg, stage_dir, runtime, meta, resume)
     decisions.update({key: summary[key] for key in ("epochs_run", "best_epoch", "stopped_early")})
+    in_force["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch.save(objective.student.state_dict(), RECORD / f"weights-rank{RANK}.pt")
     return summary
 
@@ -96,7 +107,8 @@ def main() -> int:
         return stages.train_main(stage, argv)
     finally:
         (RECORD / f"rank{RANK}.json").write_text(json.dumps(
-            {"written": written, "rows": rows_by_epoch, "decisions": decisions}))
+            {"written": written, "rows": rows_by_epoch, "decisions": decisions,
+             "in_force": in_force}))
 
 
 if __name__ == "__main__":

@@ -236,8 +236,10 @@ def test_gpu_paths_run_on_the_cpu(tiny_data, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         history = pd.read_csv(tmp_path / "run" / stage / "history.csv")
         assert history["train_loss"].notna().all() and history["val_acc"].notna().all()
-    assert json.loads((tmp_path / "run" / "kd_student" / "config.json").read_text())[
-        "args"]["amp"] == "on"
+        in_force = ranks(tmp_path / f"record-{stage}", 1)[0]["in_force"]
+        assert in_force["logits_dtype"] == "torch.bfloat16", (stage, in_force)
+        assert in_force["channels_last"] is True, (stage, in_force)
+        assert in_force["compiled_graphs"] == 0, (stage, in_force)
     compiled = run_worker("teacher", tmp_path / "record-compiled", "--data-dir", tiny_data,
                           "--out-dir", tmp_path / "compiled", *TINY_TRAIN_ARGS, "--compile",
                           processes=1, env={"DDP_TINY_MODEL": "1"}, timeout=600)
@@ -246,6 +248,11 @@ def test_gpu_paths_run_on_the_cpu(tiny_data, tmp_path):
                        "--out-dir", tmp_path / "plain", *TINY_TRAIN_ARGS, processes=1,
                        env={"DDP_TINY_MODEL": "1"})
     assert plain.returncode == 0, plain.stderr[-3000:]
+    compiled_in_force = ranks(tmp_path / "record-compiled", 1)[0]["in_force"]
+    plain_in_force = ranks(tmp_path / "record-plain", 1)[0]["in_force"]
+    assert compiled_in_force["compiled_graphs"] > 0, compiled_in_force
+    assert plain_in_force == {"logits_dtype": "torch.float32", "channels_last": False,
+                              "compiled_graphs": 0}
     # Compiled kernels fuse and reorder float operations: close, not equal.
     assert max_difference(weights(tmp_path / "record-compiled"),
                           weights(tmp_path / "record-plain")) < 1e-4
