@@ -24,16 +24,20 @@ def _batch(size: int = 4) -> dict:
 
 
 def _changed_by_one_step(objective, views: dict) -> bool:
-    """One AdamW step of ``objective``; whether every student parameter moved."""
+    """One AdamW step of ``objective``; whether every student parameter moved. No weight
+    decay, which would move every parameter without a gradient; every distillation term
+    is non-zero and puts a gradient on the student by itself."""
     student = objective.student
     before = [parameter.detach().clone() for parameter in student.parameters()]
     optimizer = torch.optim.AdamW(
         [parameter for parameter in objective.parameters() if parameter.requires_grad],
-        lr=1e-3)
+        lr=1e-3, weight_decay=0.0)
     objective.train()
     logits, terms = objective(views, _batch())
     loss = sum(terms.values())
     assert torch.isfinite(loss) and logits.shape == (4, 5)
+    assert all(value.item() > 0 for value in terms.values()), terms
+    assert_each_term_trains_the_student(terms, student)
     loss.backward()
     optimizer.step()
     return all(not torch.equal(old, new.detach())
@@ -43,17 +47,19 @@ def _changed_by_one_step(objective, views: dict) -> bool:
 @pytest.mark.parametrize("arch", TESTED_TRANSFORMERS)
 def test_family_trains_one_step_as_teacher_and_as_student(arch):
     torch.manual_seed(0)
-    hr_images, lr_images = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 16, 16)
-    as_teacher = HardLabels(build_model(arch, 5, input_size=32), "hr")
+    # At 64 px every model's last map has more than one location (2x2 for Swin, ConvNeXt
+    # and ResNet18; 4x4 patches for the ViTs), where at and cwd are non-zero.
+    hr_images, lr_images = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    as_teacher = HardLabels(build_model(arch, 5, input_size=64), "hr")
     assert _changed_by_one_step(as_teacher, {"hr": hr_images})
     # As the student of a ResNet18 teacher, with logit and feature terms; the teacher,
     # built for it, then teaches a ResNet18 student.
-    student = build_model(arch, 5, input_size=32)
+    student = build_model(arch, 5, input_size=64)
     objective = Distiller(student, [build_model("resnet18", 5)], "kd+at", LossWeights(),
-                          teacher_input_sizes=[32], probe_size=32)
-    assert _changed_by_one_step(objective, {"lr": hr_images, "hr": hr_images})
+                          teacher_input_sizes=[64], probe_size=64)
+    assert _changed_by_one_step(objective, {"lr": lr_images, "hr": hr_images})
     objective = Distiller(build_model("resnet18", 5), [as_teacher.student], "kd+cwd",
-                          LossWeights(), teacher_input_sizes=[32], probe_size=16)
+                          LossWeights(), teacher_input_sizes=[64], probe_size=64)
     assert _changed_by_one_step(objective, {"lr": lr_images, "hr": hr_images})
 
 
