@@ -1,20 +1,25 @@
 """The decode-once paths feed the same pixels and pairing as straightforward ones."""
 
 import itertools
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from torchvision import transforms
 
 from conftest import TINY_TRAIN_ARGS, run_script
-from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, gather_batch, \
+from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, gather_batch, load_images, \
     load_or_create_split, make_view, sample_view_params
 from src.distill import Distiller, LossWeights
-from src.models import build_model
+from src.models import build_model, load_checkpoint
+from src.predict import predict_probabilities
+from src.trainer import Runtime
 
 
 def test_disk_cache_holds_exactly_the_decoded_pixels(tiny_data, tmp_path):
@@ -106,7 +111,6 @@ def test_cached_teacher_logits_equal_the_online_teacher_without_augmentation():
 
 
 def test_teacher_cache_trains_end_to_end_and_is_reused(finished_run, tmp_path):
-    import shutil
     data_dir, out_dir, _, _ = finished_run
     run = tmp_path / "run"
     shutil.copytree(out_dir, run)
@@ -114,13 +118,26 @@ def test_teacher_cache_trains_end_to_end_and_is_reused(finished_run, tmp_path):
             "--overwrite"]
     first = run_script("train_kd_student.py", *args)
     assert first.returncode == 0, first.stderr
-    assert "cached teacher logits" in first.stdout
-    import json
+    cache_file = Path(re.search(r"cached teacher logits for \d+ images -> (\S+)",
+                                first.stdout).group(1))
     config = json.loads((run / "kd_student" / "config.json").read_text())
     assert config["teacher"]["mode"] == "cached logits"
+    # The cache holds the teacher's view of each split row's HR image, in split.csv's
+    # order: recomputed here from the files, row by row.
+    split = pd.read_csv(run / "split.csv")
+    teacher_ckpt = run / "teacher" / "best.pt"
+    model, meta = load_checkpoint(teacher_ckpt)
+    hr_pixels = load_images(data_dir, split["upscale_img_path"].tolist(), None, "HR",
+                            quiet=True)
+    runtime = Runtime(torch.device("cpu"), amp=False, channels_last=False)
+    expected = predict_probabilities(model, meta, teacher_ckpt, hr_pixels, "HR", 8, runtime,
+                                     tta=False)
+    cached = torch.load(cache_file, weights_only=True)
+    assert cached.shape == expected.shape
+    assert torch.allclose(cached.float().softmax(1), expected, atol=1e-5)
     second = run_script("train_kd_student.py", *args)
     assert second.returncode == 0, second.stderr
-    assert "teacher logits from" in second.stdout
+    assert f"teacher logits from {cache_file}" in second.stdout
 
 
 def test_cache_is_keyed_by_image_content(data_copy, tmp_path):

@@ -2,13 +2,17 @@
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import binomtest
 
+import evaluate_all
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from src import report
 from src.data import load_images
 from src.models import load_checkpoint
 from src.predict import predict_probabilities
@@ -30,11 +34,24 @@ def test_evaluate_all_writes_table_json_and_every_figure(finished_run, tmp_path)
     rows = {row["stage"]: row for row in summary["rows"]}
     assert set(rows) == {"teacher", "student", "kd_student"}
     assert "vs_baseline" not in rows["student"]
+    baseline = pd.read_csv(run / "student" / "test_predictions.csv")
+    baseline_right = (baseline["prediction"] == baseline["label"]).to_numpy()
     for stage in ("teacher", "kd_student"):
         versus = rows[stage]["vs_baseline"]
         assert versus["accuracy"]["low"] <= versus["accuracy"]["difference"] \
             <= versus["accuracy"]["high"]
-        assert 0 <= versus["mcnemar"]["p_value"] <= 1
+        # Recomputed from the two runs' per-image predictions (the same test images, in
+        # the same order): the difference, and the exact McNemar p by scipy's binomial test.
+        predictions = pd.read_csv(run / stage / "test_predictions.csv")
+        assert predictions["label"].tolist() == baseline["label"].tolist()
+        right = (predictions["prediction"] == predictions["label"]).to_numpy()
+        assert versus["accuracy"]["difference"] == pytest.approx(
+            right.mean() - baseline_right.mean(), abs=1e-12)
+        only_stage, only_baseline = int((right & ~baseline_right).sum()), \
+            int((~right & baseline_right).sum())
+        p_value = binomtest(min(only_stage, only_baseline), only_stage + only_baseline,
+                            0.5).pvalue if only_stage + only_baseline else 1.0
+        assert versus["mcnemar"]["p_value"] == pytest.approx(p_value, rel=1e-9)
         metrics = json.loads((run / stage / "test_metrics.json").read_text())
         assert rows[stage]["accuracy"] == metrics["accuracy"]
     table = (run / "results.md").read_text()
@@ -43,6 +60,43 @@ def test_evaluate_all_writes_table_json_and_every_figure(finished_run, tmp_path)
     for name in FIGURES:
         png = (tmp_path / "assets" / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 5000, name
+
+
+def test_evaluate_all_compares_each_model_with_the_baseline(finished_run, tmp_path,
+                                                             monkeypatch):
+    """Predictions set per image so that every pair of models differs: student right on
+    image 0, teacher on 0-2, KD student on 1. Each model's row must hold its difference
+    from the student and McNemar's p on their discordant images (compared with the wrong
+    model, the numbers change)."""
+    data_dir, out_dir, _, _ = finished_run
+    run = Path(shutil.copytree(out_dir, tmp_path / "run"))
+    right_on = {"student": {0}, "teacher": {0, 1, 2}, "kd_student": {1}}
+    real_test_stage = report.test_stage
+
+    def planted(stage, *args, **kwargs):
+        result = real_test_stage(stage, *args, **kwargs)
+        labels, classes = result["labels"], result["logits"].shape[1]
+        wrong = (labels + 1) % classes
+        chosen = torch.tensor([labels[i] if i in right_on[stage] else wrong[i]
+                               for i in range(len(labels))])
+        return {**result, "logits": torch.nn.functional.one_hot(chosen, classes).float()}
+    monkeypatch.setattr(report, "test_stage", planted)
+    monkeypatch.setattr(sys, "argv", ["evaluate_all.py", "--data-dir", str(data_dir),
+                                      "--out-dir", str(run), "--assets-dir",
+                                      str(tmp_path / "assets"), "--resamples", "200",
+                                      "--no-tsne"])
+    assert evaluate_all.main() == 0
+    rows = {row["stage"]: row for row in json.loads((run / "results.json").read_text())["rows"]}
+    images = rows["student"]["n"]
+    assert images >= 3
+    teacher, kd = rows["teacher"]["vs_baseline"], rows["kd_student"]["vs_baseline"]
+    assert teacher["accuracy"]["difference"] == pytest.approx(2 / images)
+    # Teacher: 2 discordant images, both its own: p = 2 * (1/2)^2.
+    assert teacher["mcnemar"]["p_value"] == pytest.approx(0.5)
+    assert kd["accuracy"]["difference"] == pytest.approx(0.0)
+    # KD student: one discordant image each way: p = min(1, 2 * 3/4) = 1.
+    assert (kd["mcnemar"]["only_a"], kd["mcnemar"]["only_b"]) == (1, 1)
+    assert kd["mcnemar"]["p_value"] == pytest.approx(1.0)
 
 
 def test_evaluate_all_without_trained_stages(tiny_data, tmp_path):
