@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from src.checks import check_dataset, print_report
-from src.cli import ToolError, run_main
+from src.cli import require_at_least_zero, run_main
 
 
 def main() -> int:
@@ -27,8 +27,7 @@ def main() -> int:
                              "(a folder of images or a CSV): every file readable, of the "
                              "labelled images' size, and how many equal a labelled image")
     args = parser.parse_args()
-    if not args.pair_tolerance >= 0:
-        raise ToolError(f"--pair-tolerance must be at least 0 (got {args.pair_tolerance})")
+    require_at_least_zero({"--pair-tolerance": args.pair_tolerance})
     report = check_dataset(args.data_dir, args.pair_tolerance, args.unlabelled)
     print_report(report)
     return 1 if report.problems else 0

@@ -19,7 +19,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from src.cli import ToolError, require_at_least_one, run_main, split_passthrough
+from src.cli import ToolError, require_at_least_one, \
+    require_at_least_zero, run_main, split_passthrough
 from src.compare import compare_recipes
 from src.seeds import add_processes_argument
 from src.recipes import NEEDS_UNLABELLED, RECIPES
@@ -70,6 +71,7 @@ def main() -> int:
     add_processes_argument(parser)
     args = parser.parse_args(argv)
     require_at_least_one({"--resamples": args.resamples, "--nproc-per-node": args.nproc_per_node})
+    require_at_least_zero({"--seeds": args.seeds, "--teacher-weights": args.teacher_weights})
     if len(set(args.seeds)) != len(args.seeds):
         raise ToolError("--seeds has duplicates")
     compare_recipes(args.data_dir, args.out_dir, args.recipes, args.seeds, common,

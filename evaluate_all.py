@@ -10,7 +10,7 @@ sample_predictions and tsne (with each model's V-measure). Nothing is retrained.
 """
 import argparse
 
-from src.cli import ToolError, run_main
+from src.cli import ToolError, require_at_least_one, require_at_least_zero, run_main
 from src.report import evaluate_all
 from src.arguments import common_arguments, figures_argument
 
@@ -29,6 +29,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.resamples < 100:
         raise ToolError("--resamples must be at least 100")
+    require_at_least_one({"--batch-size": args.batch_size})
+    require_at_least_zero({"--bootstrap-seed": args.bootstrap_seed})
     evaluate_all(args)
     return 0
 

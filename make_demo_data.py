@@ -13,7 +13,7 @@ t10k-* files are never read. Both are deterministic for a seed.
 import argparse
 from pathlib import Path
 
-from src.cli import ToolError, require_at_least_one, run_main
+from src.cli import ToolError, require_at_least_one, require_at_least_zero, run_main
 from src.demo import class_names, write_demo_dataset
 from src.fashion_mnist import write_fashion_mnist_dataset
 
@@ -49,8 +49,7 @@ def main() -> int:
     args = parser.parse_args()
     require_at_least_one({"--per-class": args.per_class, "--test-images": args.test_images,
                           "--lr-size": args.lr_size})
-    if args.unlabelled < 0:
-        raise ToolError(f"--unlabelled must be at least 0 (got {args.unlabelled})")
+    require_at_least_zero({"--unlabelled": args.unlabelled, "--seed": args.seed})
     if args.scale < 2:
         raise ToolError(f"--scale must be at least 2 (got {args.scale})")
     if not 1 <= args.classes <= len(class_names()):

@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from src.cli import ToolError, require_at_least_one, run_main, split_passthrough
+from src.cli import ToolError, require_at_least_one, \
+    require_at_least_zero, run_main, split_passthrough
 from src.seeds import add_processes_argument, run_seeds
 from src.arguments import STAGES
 
@@ -42,6 +43,7 @@ def main() -> int:
     add_processes_argument(parser)
     args = parser.parse_args(argv)
     require_at_least_one({"--nproc-per-node": args.nproc_per_node})
+    require_at_least_zero({"--seeds": args.seeds, "--split-seed": args.split_seed})
     if len(set(args.seeds)) != len(args.seeds):
         raise ToolError("--seeds has duplicates")
     stages = [stage for stage in STAGES if stage in args.stages]   # teacher before students

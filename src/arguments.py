@@ -6,9 +6,11 @@ the ``--recipe`` presets filled in as defaults, and the range check of every num
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from .cli import ToolError, require_at_least_one
+from .distill import normalised_teacher_weights
 from .models import TESTED_ARCHS, checkpoint_stage
 from .lr_render import DEGRADATIONS
 from .recipes import DEFAULT_RECIPE, NEEDS_UNLABELLED, RECIPES, recipe_defaults, \
@@ -311,6 +313,7 @@ FLAG_BOUNDS = {
     "mgd_weight": (0, None, True, True), "mgd_mask": (0, 1, True, False),
     "amd_weight": (0, None, True, True), "fitnet_weight": (0, None, True, True),
     "layer_decay": (0, 1, False, True), "unlabelled_ratio": (0, None, False, True),
+    "seed": (0, None, True, True),
 }
 
 
@@ -331,11 +334,18 @@ def check_arguments(args) -> None:
         value = getattr(args, name, None)
         if value is None:
             continue
+        flag = f"--{name.replace('_', '-')}"
+        if not math.isfinite(value):            # nan, inf: no range holds them
+            raise ToolError(f"{flag} must be a finite number (got {value})")
         inside = (value >= low if low_in else value > low) and \
             (high is None or (value <= high if high_in else value < high))
-        if not inside or value != value:        # value != value: NaN
-            raise ToolError(f"--{name.replace('_', '-')} must be "
-                            f"{_bounds_text(low, high, low_in, high_in)} (got {value})")
+        if not inside:
+            raise ToolError(f"{flag} must be {_bounds_text(low, high, low_in, high_in)} "
+                            f"(got {value})")
+    if getattr(args, "teacher_weights", None):
+        # The weights' own check, before any work (their count against the teachers is
+        # checked where the teachers are known).
+        normalised_teacher_weights(args.teacher_weights, len(args.teacher_weights))
     if getattr(args, "min_lr", None) is not None and args.min_lr > args.lr:
         raise ToolError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     if getattr(args, "recipe", None) in NEEDS_UNLABELLED and hasattr(args, "unlabelled") \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import platform
 import signal
@@ -87,6 +88,15 @@ def require_at_least_one(values: dict[str, int | None]) -> None:
     for flag, value in values.items():
         if value is not None and value < 1:
             raise ToolError(f"{flag} must be at least 1 (got {value})")
+
+
+def require_at_least_zero(values: dict) -> None:
+    """One-line error for the first flag below 0 or not finite (``{"--seeds": [0, -1]}``:
+    a list checks each value); ``None`` is unset."""
+    for flag, value in values.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None and not (math.isfinite(item) and item >= 0):
+                raise ToolError(f"{flag} must be a finite number, at least 0 (got {item})")
 
 
 def publish_table(folder: Path, stem: str, table: str, summary: dict) -> None:

@@ -12,6 +12,7 @@ the teacher sees the mixed HR view itself. The losses themselves live in ``losse
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -296,6 +297,6 @@ def normalised_teacher_weights(weights, count: int) -> list[float]:
     if len(weights) != count:
         raise ToolError(f"--teacher-weights gives {len(weights)} weight(s) for {count} "
                         f"teacher(s)")
-    if any(weight < 0 for weight in weights) or sum(weights) <= 0:
-        raise ToolError("--teacher-weights must be non-negative and not all zero")
+    if not all(math.isfinite(weight) and weight >= 0 for weight in weights) or sum(weights) <= 0:
+        raise ToolError("--teacher-weights must be finite, at least 0 and not all zero")
     return [weight / sum(weights) for weight in weights]

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, make_tiny_dataset, run_script
@@ -259,3 +260,21 @@ def test_bad_input_with_overwrite_leaves_a_finished_run_untouched(finished_run, 
                         run, *TINY_TRAIN_ARGS, "--overwrite")
     assert_one_line_error(result, "data folder")
     assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("run_seeds.py", "--seeds", "-1"), ("run_seeds.py", "--split-seed", "-1"),
+    ("compare_recipes.py", "--seeds", "-1"), ("compare_recipes.py", "--teacher-weights", "nan"),
+    ("evaluate_all.py", "--bootstrap-seed", "-1"), ("evaluate_all.py", "--batch-size", "-1"),
+    ("check_data.py", "--pair-tolerance", "inf"),
+    ("check_data.py", "--pair-tolerance", "nan"), ("make_demo_data.py", "--seed", "-1"),
+])
+def test_runner_and_tool_scripts_refuse_negative_and_non_finite_numbers(tiny_data, tmp_path,
+                                                                         script, flag, value):
+    """The scripts beside the train stages check their numbers before any work too (a
+    negative seed reached numpy as a traceback; NaN weights reached the teachers' average)."""
+    out = tmp_path / "out"
+    where = ["--out", out] if script == "make_demo_data.py" else \
+        ["--data-dir", tiny_data] + ([] if script == "check_data.py" else ["--out-dir", out])
+    assert_one_line_error(run_script(script, *where, flag, value), flag)
+    assert not out.exists()
