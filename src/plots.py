@@ -72,9 +72,12 @@ def plot_per_class_f1(per_class: dict[str, np.ndarray], classes: list[str], path
     axes.invert_yaxis()
     axes.set_xlabel("test F1 (%)")
     axes.set_xlim(0, 100)
-    axes.set_title("Per-class test F1")
+    # The legend sits above the bars (a fixed pad in points, whatever the figure's height),
+    # so it never covers a class's bars.
+    axes.set_title("Per-class test F1", pad=24)
     axes.grid(axis="x", alpha=0.3)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(names), fontsize=8,
+                frameon=False, borderaxespad=0.3)
     return _save(figure, path)
 
 
@@ -126,18 +129,39 @@ def plot_sample_predictions(samples: list[dict], path: Path) -> Path:
     return _save(figure, path)
 
 
+# Colour and marker together: ten colours (tab10) that stay apart, then another marker for
+# the next ten, so the 25 DACON classes get 25 styles a legend can name (styles repeat
+# beyond 40 classes).
+CLASS_MARKERS = ("o", "s", "^", "D")
+
+
+def class_styles(count: int) -> list[tuple]:
+    """A (colour, marker) per class."""
+    colours = plt.get_cmap("tab10").colors
+    return [(colours[index % 10], CLASS_MARKERS[(index // 10) % len(CLASS_MARKERS)])
+            for index in range(count)]
+
+
 def plot_embeddings(embeddings: dict[str, tuple], labels, classes: list[str],
                     path: Path) -> Path:
-    """t-SNE maps of penultimate features, one panel per model, coloured by true class;
-    each title gives the model's V-measure."""
+    """t-SNE maps of penultimate features, one panel per model, each class in its own colour
+    and marker, named in a legend below the panels; each title gives the model's V-measure."""
     figure, axes = plt.subplots(1, len(embeddings), figsize=(4.6 * len(embeddings), 4.6),
                                 squeeze=False)
-    # Distinct colours for up to 20 classes; beyond that, evenly spaced along a colour map.
-    colours = plt.get_cmap("tab20" if len(classes) <= 20 else "turbo", max(len(classes), 1))
+    labels = np.asarray(labels)
+    styles = class_styles(len(classes))
+    handles = []
     for axis, (name, (points, v_measure)) in zip(axes[0], embeddings.items()):
-        axis.scatter(points[:, 0], points[:, 1], c=colours(np.asarray(labels)), s=9)
+        handles = [axis.scatter(points[labels == index, 0], points[labels == index, 1],
+                                color=colour, marker=marker, s=10, linewidths=0)
+                   for index, (colour, marker) in enumerate(styles)]
         axis.set_title(f"{name}\nV-measure {v_measure:.3f}", fontsize=10)
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.suptitle("t-SNE of penultimate features on the test images (colour = true class)")
-    return _save(figure, path)
+    figure.suptitle("t-SNE of penultimate features on the test images (true class)")
+    figure.tight_layout()
+    # Below the panels, as many columns as fit beside each other (three per panel).
+    figure.legend(handles, classes, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                  ncol=min(len(classes), 3 * len(embeddings)), fontsize=8, frameon=False,
+                  markerscale=1.6, handletextpad=0.2, columnspacing=1.2)
+    return _save(figure, path, tight=False)
