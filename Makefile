@@ -1,6 +1,6 @@
 # make demo   set up .venv, write the demo data, run all seven stages, evaluate_all and predict on it
 #             (another training seed: make demo DEMO_SEED=1 DEMO_RUNS=runs/demo-seed1)
-# make test   set up .venv and run the test suite
+# make test   set up .venv (with the optional trackers) and run the test suite
 # make bench  set up .venv and run the training-speed benchmark
 # make bench-processes  seconds per epoch of the demo teacher with 1 and 2 processes (torchrun)
 PYTHON ?= python3
@@ -33,6 +33,12 @@ $(PY): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(PY)
 
+# The optional trackers (--tensorboard, --wandb): the tests read their files back; the
+# demo and training never need them.
+$(VENV)/.trackers: requirements-trackers.txt | $(PY)
+	$(PY) -m pip install -q -r requirements-trackers.txt
+	touch $@
+
 $(DEMO_DATA)/train.csv: | $(PY)
 	$(PY) make_demo_data.py --out $(DEMO_DATA) $(DEMO_DATA_ARGS)
 
@@ -48,7 +54,7 @@ demo: $(PY) $(DEMO_DATA)/train.csv
 	$(PY) predict.py $(TEST_ARGS) --stage student --tta --overwrite
 	$(PY) predict.py $(TEST_ARGS) --stage kd_student --tta --overwrite
 
-test: $(PY)
+test: $(PY) $(VENV)/.trackers
 	$(PY) -m pytest -q tests
 
 bench: $(PY)

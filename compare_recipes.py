@@ -21,6 +21,7 @@ from pathlib import Path
 
 from src.cli import ToolError, require_at_least_one, \
     require_at_least_zero, run_main, split_passthrough
+from src.arguments import config_flags
 from src.compare import compare_recipes
 from src.seeds import add_processes_argument
 from src.recipes import NEEDS_UNLABELLED, RECIPES
@@ -68,8 +69,15 @@ def main() -> int:
                         help="one weight per --teacher-ckpt for the average (None: equal)")
     parser.add_argument("--resamples", type=int, default=10_000,
                         help="bootstrap resamples of the test images for the paired interval")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="RUN/config.json of an earlier run: its training settings are "
+                             "the shared train-script flags (those after -- win); the data, "
+                             "folders, seeds and teacher stay this command's")
     add_processes_argument(parser)
     args = parser.parse_args(argv)
+    if args.config:
+        common = [*config_flags(args.config, "compare_recipes.py"), *common]
+        print(f"settings from {args.config}: {' '.join(common)}")
     require_at_least_one({"--resamples": args.resamples, "--nproc-per-node": args.nproc_per_node})
     require_at_least_zero({"--seeds": args.seeds, "--teacher-weights": args.teacher_weights})
     if len(set(args.seeds)) != len(args.seeds):

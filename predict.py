@@ -9,13 +9,14 @@ With a <data-dir>/test_labels.csv (the data make_demo_data.py writes) it also pr
 submission's accuracy and macro-F1 against those labels.
 """
 import argparse
+import sys
 from pathlib import Path
 
 from src.cli import ToolError, ensure_writable_dir, pick_device, require_at_least_one, run_main, \
     write_csv
 from src.predict import HOLDOUT_LABELS, holdout_scores, predict_test_set, \
     read_holdout_labels
-from src.arguments import common_arguments
+from src.arguments import common_arguments, read_run_record
 from src.stages import cache_dir_for, runtime_for
 
 
@@ -29,6 +30,10 @@ def main() -> int:
                         help="LR checkpoints of this tool instead of --stage's; with several, "
                              "their class probabilities are averaged (an ensemble of seeds, "
                              "students, final fits)")
+    parser.add_argument("--config", type=Path, nargs="+", default=None, metavar="CONFIG",
+                        help="RUN/config.json of trained students instead of --ckpt: each "
+                             "run's best.pt, and the first run's --data-dir and --out-dir "
+                             "(its image cache) unless given")
     parser.add_argument("--tta", action="store_true",
                         help="average the class probabilities of each image and its mirror")
     parser.add_argument("--output", type=Path, default=None,
@@ -39,7 +44,18 @@ def main() -> int:
                         help="replace an existing submission file")
     args = parser.parse_args()
     require_at_least_one({"--batch-size": args.batch_size})
+    if args.config and args.ckpt:
+        raise ToolError("--config names the runs whose best.pt to use: give it or --ckpt")
     ckpts = args.ckpt or [args.out_dir / args.stage / "best.pt"]
+    if args.config:
+        records = [read_run_record(path, ("student", "kd_student"), "predict.py")
+                   for path in args.config]
+        ckpts = [path.parent / "best.pt" for path in args.config]
+        given = {token.split("=")[0] for token in sys.argv[1:]}
+        for flag in ("--data-dir", "--out-dir"):    # the run's data, its image cache
+            dest = flag[2:].replace("-", "_")
+            if flag not in given:
+                setattr(args, dest, Path(records[0]["args"][dest]))
     if len(set(map(str, ckpts))) != len(ckpts):
         raise ToolError("--ckpt: each checkpoint once (a repeated one would weigh double)")
     output = args.output or (args.out_dir / "ensemble_submission.csv" if len(ckpts) > 1

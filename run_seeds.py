@@ -16,7 +16,7 @@ from pathlib import Path
 from src.cli import ToolError, require_at_least_one, \
     require_at_least_zero, run_main, split_passthrough
 from src.seeds import add_processes_argument, run_seeds
-from src.arguments import STAGES
+from src.arguments import STAGES, config_flags
 
 
 def main() -> int:
@@ -40,8 +40,15 @@ def main() -> int:
                              "learn from <out-dir>/teacher/best.pt")
     parser.add_argument("--split-seed", type=int, default=0,
                         help="seed of the split when <out-dir> has none yet")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="RUN/config.json of an earlier run: its training settings are "
+                             "the shared train-script flags (those after -- win); the data, "
+                             "folders, seeds and teacher stay this command's")
     add_processes_argument(parser)
     args = parser.parse_args(argv)
+    if args.config:
+        train_args = [*config_flags(args.config, "run_seeds.py"), *train_args]
+        print(f"settings from {args.config}: {' '.join(train_args)}")
     require_at_least_one({"--nproc-per-node": args.nproc_per_node})
     require_at_least_zero({"--seeds": args.seeds, "--split-seed": args.split_seed})
     if len(set(args.seeds)) != len(args.seeds):

@@ -9,10 +9,11 @@ import argparse
 import math
 from pathlib import Path
 
-from .cli import ToolError, require_at_least_one
+from .cli import ToolError, read_json, require_at_least_one
 from .distill import normalised_teacher_weights
 from .models import TESTED_ARCHS, checkpoint_stage
 from .lr_render import DEGRADATIONS
+from .tracking import add_tracker_arguments
 from .recipes import DEFAULT_RECIPE, NEEDS_UNLABELLED, RECIPES, recipe_defaults, \
     recipe_text
 
@@ -68,6 +69,11 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                     f"train_summary.json).",
         formatter_class=HelpFormatter)
     common_arguments(parser)
+    add_tracker_arguments(parser)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="RUN/config.json written by an earlier run of this stage: its "
+                             "settings become the defaults and flags given here win "
+                             "(--config runs/teacher/config.json --out-dir runs2 reruns it)")
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50",
                        help=f"torchvision classifier by name ({', '.join(TESTED_ARCHS)}, "
@@ -285,6 +291,7 @@ def test_parser(stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", type=Path, default=None,
                         help=f"checkpoint to evaluate (default: <out-dir>/{stage}/best.pt)")
     figures_argument(parser, "the comparison figures")
+    add_tracker_arguments(parser)
     return parser
 
 
@@ -373,10 +380,95 @@ def jsonable(args: argparse.Namespace) -> dict:
 
 
 def parse_train_arguments(stage: str, argv=None) -> argparse.Namespace:
-    """The train script's arguments with its ``--recipe``'s defaults filled in."""
+    """The train script's arguments: flags given win over ``--config``'s saved settings,
+    which win over the ``--recipe`` preset's defaults (a ``--recipe`` given with
+    ``--config`` applies its preset over the saved settings)."""
     parser = train_parser(stage)
-    parser.set_defaults(**_preset_for(parser, stage, argv))
+    saved = config_defaults(parser, stage, argv)
+    if "--recipe" in _given_options(argv):
+        # The preset named now owns every setting a preset sets (the parser's default
+        # where it sets none), not the saved run's.
+        saved = {key: value for key, value in saved.items() if key not in PRESET_SETTINGS}
+    parser.set_defaults(**saved)
+    if not saved or "--recipe" in _given_options(argv):
+        parser.set_defaults(**_preset_for(parser, stage, argv))
     return parser.parse_args(argv)
+
+
+# Settings about the run folder, not the training: a rerun from a record starts afresh.
+NOT_FROM_CONFIG = {"resume", "overwrite", "config"}
+PRESET_SETTINGS = {key for preset in RECIPES.values() for key in preset}
+
+
+def _given_options(argv) -> set[str]:
+    return {token.split("=")[0] for token in (argv or []) if token.startswith("--")}
+
+
+def read_run_record(path: Path, stages, reader: str) -> dict:
+    """The ``config.json`` a train stage wrote at ``path``, checked to be a record of one
+    of ``stages`` (what ``reader``, the script, takes); one line otherwise."""
+    try:
+        record = read_json(path)
+    except ToolError as error:
+        raise ToolError(f"--config {error}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("args"), dict) \
+            or record.get("stage") not in STAGES:
+        raise ToolError(f"--config {path} is not a run's config.json (no stage and args)")
+    if record["stage"] not in stages:
+        raise ToolError(f"--config {path} records a train_{record['stage']}.py run; "
+                        f"{reader} takes a {' or '.join(stages)} run's config.json")
+    return record
+
+
+# What a runner sets itself for each stage folder, never taken from a run's record.
+RUNNER_SETTINGS = NOT_FROM_CONFIG | {"data_dir", "out_dir", "seed", "teacher_ckpt",
+                                     "teacher_weights", "final_fit", "split_per_class"}
+
+
+def config_flags(path: Path, reader: str) -> list[str]:
+    """A run's recorded settings as train-script flags, for a runner's shared flags (those
+    after -- come later and win): each setting that differs from its preset's default,
+    less what the runner sets itself. A teacher checkpoint the run started from is
+    ``--weights teacher``: the runner's own split's teacher."""
+    record = read_run_record(path, tuple(STAGES), reader)
+    stage, saved = record["stage"], record["args"]
+    recipe = saved.get("recipe", DEFAULT_RECIPE)
+    defaults = jsonable(parse_train_arguments(stage, ["--recipe", recipe]))
+    parser, flags = train_parser(stage), ["--recipe", recipe]
+    for action in parser._actions:
+        dest, option = action.dest, (action.option_strings or [None])[0]
+        value = saved.get(dest)
+        if option is None or dest in RUNNER_SETTINGS | {"recipe"} or value is None \
+                or value == defaults.get(dest):
+            continue
+        if dest == "weights" and value not in ("none", "imagenet") \
+                and checkpoint_stage(value) == "teacher":
+            value = "teacher"
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            flags.append(option)
+        else:
+            flags += [option, *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
+def config_defaults(parser: argparse.ArgumentParser, stage: str, argv) -> dict:
+    """The settings of the run whose ``config.json`` ``--config`` names, as defaults for
+    ``parser``; {} without --config. A record of another stage, or one holding settings this
+    version has no flag for, is refused in one line."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config", type=Path, default=None)
+    path = finder.parse_known_args(argv)[0].config
+    if path is None:
+        return {}
+    record = read_run_record(path, (stage,), f"train_{stage}.py")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(key for key in record["args"] if key not in known)
+    if unknown:
+        raise ToolError(f"--config {path} holds settings this version has no flag for "
+                        f"({', '.join('--' + key.replace('_', '-') for key in unknown)}): "
+                        f"written by another version of the tool "
+                        f"({record.get('code_version') or 'unknown commit'})")
+    return {key: value for key, value in record["args"].items() if key not in NOT_FROM_CONFIG}
 
 
 def distillation_flags() -> set[str]:
@@ -434,7 +526,7 @@ def replaced_preset_values(stage: str, argv) -> dict[str, tuple]:
     ``{option: (given value, preset's value)}``."""
     parser = train_parser(stage)
     preset, args = _preset_for(parser, stage, argv), parse_train_arguments(stage, argv)
-    given = {token.split("=")[0] for token in argv if token.startswith("--")}
+    given = _given_options(argv)
     return {action.option_strings[0]: (getattr(args, action.dest), preset[action.dest])
             for action in parser._actions
             if action.dest in preset and given & set(action.option_strings)
@@ -442,10 +534,22 @@ def replaced_preset_values(stage: str, argv) -> dict[str, tuple]:
 
 
 def preset_overrides(stage: str, argv) -> list[str]:
-    """One line per flag given explicitly that replaces a value of the ``--recipe`` preset."""
-    recipe = parse_train_arguments(stage, argv).recipe
-    return [f"note: {option} {given} replaces the {recipe} preset's {preset}"
-            for option, (given, preset) in replaced_preset_values(stage, argv).items()]
+    """One line per flag given explicitly that replaces a value of ``--config``'s saved run
+    or of the ``--recipe`` preset."""
+    parser = train_parser(stage)
+    saved = config_defaults(parser, stage, argv)
+    args = parse_train_arguments(stage, argv)
+    given = _given_options(argv)
+    now = jsonable(args)
+    lines = [f"note: {action.option_strings[0]} {now[action.dest]} replaces the saved run's "
+             f"{saved[action.dest]} ({args.config})"
+             for action in parser._actions
+             if action.dest in saved and given & set(action.option_strings)
+             and now[action.dest] != saved[action.dest]]
+    if saved and "--recipe" not in given:
+        return lines
+    return lines + [f"note: {option} {value} replaces the {args.recipe} preset's {preset}"
+                    for option, (value, preset) in replaced_preset_values(stage, argv).items()]
 
 
 def _same_setting(dest: str, preset_value, value) -> bool:

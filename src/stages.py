@@ -32,6 +32,8 @@ from .lr_render import LR_RENDER_TOLERANCE, lr_render_error
 from .distill import Distiller, HardLabels, LossWeights, parse_method
 from .models import build_model, load_checkpoint, load_teacher
 from .plots import plot_comparison, plot_curves
+from .runlock import stage_lock
+from .tracking import Trackers, require_trackers
 from .stats import paired_bootstrap
 from .trainer import FitConfig, Runtime, evaluate, fit, run_status
 from .transfer import add_unlabelled, labelled_sizes, primary_resolution, read_unlabelled
@@ -43,7 +45,8 @@ COMPARABLE_SETTINGS = ("arch", "weights", "input_size", "epochs", "batch_size", 
                        "monitor", "seed", "hflip", "crop_scale", "schedule", "warmup_epochs",
                        "mixup", "cutmix", "layer_decay")
 # Arguments that may differ between a run and its --resume.
-RESUME_FREE = {"resume", "overwrite", "device", "compile", "cache_dir", "no_cache", "sync_bn"}
+RESUME_FREE = {"resume", "overwrite", "config", "tensorboard", "wandb", "wandb_project",
+               "device", "compile", "cache_dir", "no_cache", "sync_bn"}
 
 
 # --- training --------------------------------------------------------------------------
@@ -205,13 +208,20 @@ def resolve_train_arguments(stage: str, argv) -> argparse.Namespace:
 
 def train_main(stage: str, argv=None) -> int:
     args = resolve_train_arguments(stage, argv)
+    require_trackers(args)
     for line in preset_overrides(stage, sys.argv[1:] if argv is None else argv):
         print(line)
-    resolution = STAGES[stage]["resolution"]
     out_dir = ensure_writable_dir(args.out_dir)
     # A final fit is its own run beside the split's, never mistaken for it by the test
     # scripts, the runners or a KD student's default teacher.
     stage_dir = out_dir / (f"{stage}_final" if args.final_fit else stage)
+    # Rank 0 of a torchrun job removes the lock the whole job holds.
+    with stage_lock(stage_dir, release_it=int(os.environ.get("RANK", "0")) == 0):
+        return _train_stage(stage, args, out_dir, stage_dir)
+
+
+def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
+    resolution = STAGES[stage]["resolution"]
     args_dict = jsonable(args)
     if _prepare_stage_dir(stage_dir, args) == "finished":  # only reachable with --resume
         # Another --epochs (a longer budget) is refused like any other setting, with the
@@ -349,9 +359,13 @@ def train_main(stage: str, argv=None) -> int:
             "resolution": resolution, "input_size": args.input_size,
             "image_size": images.image_size(resolution), "seed": args.seed,
             "split_fingerprint": split.fingerprint}
+    trackers = Trackers(args, stage_dir, f"{out_dir.name}/{stage_dir.name}", record, "train",
+                        enabled=context.is_main)
     try:
-        summary = fit(objective, images, cfg, stage_dir, runtime, meta, resume=args.resume)
+        summary = fit(objective, images, cfg, stage_dir, runtime, meta, resume=args.resume,
+                      on_epoch=trackers.log_epoch)
     finally:
+        trackers.close()
         distributed.teardown()
     print(f"done: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
           f"({summary['train_seconds']:.0f}s) -> {stage_dir / 'best.pt'}")
@@ -425,9 +439,19 @@ def _device_name(device: torch.device) -> str:
 def test_main(stage: str, argv=None) -> int:
     args = test_parser(stage).parse_args(argv)
     check_arguments(args)
+    require_trackers(args)
     split = load_saved_split(args.data_dir, args.out_dir)
-    test_stage(stage, split, args, args.ckpt)
-    compare_stages(args.out_dir, figures_dir(args))
+    metrics = test_stage(stage, split, args, args.ckpt)
+    comparison = compare_stages(args.out_dir, figures_dir(args))
+    trackers = Trackers(args, Path(args.out_dir) / stage,
+                        f"{Path(args.out_dir).name}/{stage} test",
+                        read_json(Path(args.out_dir) / stage / "test_metrics.json"), "test")
+    try:
+        trackers.log_scalars({f"test_{key}": metrics[key]
+                              for key in ("accuracy", "macro_f1", "loss")}, 0)
+        trackers.log_images(comparison["figures"] if comparison else [])
+    finally:
+        trackers.close()
     return 0
 
 
@@ -523,7 +547,7 @@ def compare_stages(out_dir: Path, assets_dir: Path) -> dict | None:
     write_json(Path(out_dir) / "comparison.json", comparison)
     written = plot_comparison_figures(metrics, out_dir, assets_dir)
     print("figures: " + ", ".join(str(path) for path in written))
-    return comparison
+    return {**comparison, "figures": written}
 
 
 def students_interval(out_dir: Path, resamples: int = 10_000) -> dict:

@@ -218,8 +218,9 @@ def evaluate(objective, images: ImageSet, indices: np.ndarray, view_sizes: dict,
 
 
 def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: Runtime,
-        checkpoint_meta: dict, resume: bool) -> dict:
-    """Train ``objective.student`` on the split's train rows, select on the val rows.
+        checkpoint_meta: dict, resume: bool, on_epoch=None) -> dict:
+    """Train ``objective.student`` on the split's train rows, select on the val rows;
+    ``on_epoch(row)`` is called with each epoch's history.csv row once it is saved.
 
     Returns the summary that is also written to ``train_summary.json``. Under torchrun
     every process runs this; rank 0 alone writes the files.
@@ -308,6 +309,8 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
             write_csv(stage_dir / "history.csv", pd.DataFrame(state["history"]))
             # last.pt is written last: it is the commit point a resume starts from.
             _save_last(stage_dir / "last.pt", objective, optimizer, scheduler, state, finished)
+        if on_epoch is not None:
+            on_epoch(row)
         print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
               f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
               f" f1 {row['val_macro_f1']:.4f}  lr {lr:.2e}  {seconds:.1f}s"

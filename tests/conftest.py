@@ -54,6 +54,14 @@ def assert_each_term_trains_the_student(terms: dict, student) -> None:
     student.zero_grad(set_to_none=True)
 
 
+def tensorboard_events(folder: Path):
+    """The events a --tensorboard run wrote, read by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    return events
+
+
 def make_tiny_dataset(path: Path, classes: int = 4, per_class: int = 10) -> Path:
     return write_demo_dataset(path, per_class=per_class, test_images=6, lr_size=8, scale=4,
                               seed=1, num_classes=classes, progress=False)

@@ -87,11 +87,11 @@ def train_step(trainer_module, views, batch, *args, **kwargs):
     return result
 
 
-def fit(objective, images, cfg, stage_dir, runtime, meta, resume):
+def fit(objective, images, cfg, stage_dir, runtime, meta, resume, **options):
     # A resumed run counts its epochs from where it starts.
     current_epoch[0] = torch.load(Path(stage_dir) / "last.pt", weights_only=False)[
         "state"]["epoch"] if resume else 0
-    summary = original_fit(objective, images, cfg, stage_dir, runtime, meta, resume)
+    summary = original_fit(objective, images, cfg, stage_dir, runtime, meta, resume, **options)
     decisions.update({key: summary[key] for key in ("epochs_run", "best_epoch", "stopped_early")})
     in_force["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch.save(objective.student.state_dict(), RECORD / f"weights-rank{RANK}.pt")

@@ -23,7 +23,7 @@ from src.cli import ToolError
 from src.data import read_table
 from src.trainer import fit
 
-from conftest import ROOT, TINY_TRAIN_ARGS, run_script
+from conftest import ROOT, TINY_TRAIN_ARGS, run_script, tensorboard_events
 
 # A sharded run matches a single-process one only where every sample is computed alone:
 # BatchNorm normalises each process's share by its own statistics (as in any DDP run
@@ -83,7 +83,7 @@ def stages_under_torchrun(tiny_data, tmp_path_factory):
     """The three stages, one epoch each, with 2 processes; KD with paired mixing and a
     trained generator (mgd) inside DDP."""
     out_dir = tmp_path_factory.mktemp("torchrun") / "run"
-    extra = {"teacher": [], "student": ["--mixup", "0.2", "--cutmix", "1"],
+    extra = {"teacher": ["--tensorboard"], "student": ["--mixup", "0.2", "--cutmix", "1"],
              "kd_student": ["--method", "kd+mgd", "--mixup", "0.2", "--cutmix", "1"]}
     results = {}
     for stage in ("teacher", "student", "kd_student"):
@@ -116,6 +116,18 @@ def test_each_stage_trains_under_torchrun(stages_under_torchrun, stage):
     assert "2 processes (torchrun), global batch 8" in result.stdout
     summary = json.loads((out_dir / stage / "train_summary.json").read_text())
     assert summary["processes"] == 2
+    # Both ranks trained under the job's one lock, which rank 0 removed at the end.
+    assert not (out_dir / f".{stage}.lock").exists()
+
+
+def test_only_rank_0_logs_to_a_tracker(stages_under_torchrun):
+    _, out_dir, _ = stages_under_torchrun
+    folder = out_dir / "teacher" / "tensorboard"
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1    # one writer: rank 0's
+    history = pd.read_csv(out_dir / "teacher" / "history.csv")
+    logged = tensorboard_events(folder).Scalars("val_acc")
+    assert [(event.step, round(event.value, 6)) for event in logged] == \
+        [(row.epoch, round(row.val_acc, 6)) for row in history.itertuples()]
 
 
 TINY_MODEL = {"DDP_TINY_MODEL": "1"}

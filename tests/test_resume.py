@@ -66,6 +66,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, e
 
     resumed = _train_and_test(data, killed, *extra, "--resume")
     assert "resuming after epoch" in resumed.stdout
+    # The killed run's lock is taken over, and released at the end.
+    assert f"left by PID {process.pid} on" in resumed.stdout
+    assert not (killed / ".student.lock").exists()
     metrics_straight, history_straight, best_straight = _outcome(straight)
     metrics_killed, history_killed, best_killed = _outcome(killed)
     assert metrics_killed == metrics_straight
