@@ -2,6 +2,7 @@
 settings the defaults, flags given win, and a record that does not fit is one line."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -121,3 +122,31 @@ def test_a_runners_flags_from_a_record_train_as_the_record_says(finished_run, tm
     differing = {key for key in saved if again[key] != saved[key]}
     assert differing == {"weights", "teacher_ckpt", "seed"}
     assert (again["mixup"], again["hflip"], again["alpha"]) == (0.0, False, 0.5)
+
+
+def test_compare_recipes_takes_a_runs_record_as_its_shared_flags(finished_run, tmp_path):
+    """compare_recipes.py --config: every recipe's baseline and KD student train with the
+    record's settings (a flag after -- still wins), on the runner's own split and teacher."""
+    data_dir, out_dir, _, _ = finished_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("split.csv", "split.json"):
+        shutil.copy(out_dir / name, run / name)
+    shutil.copytree(out_dir / "teacher", run / "teacher")
+    record = tmp_path / "config.json"
+    saved = json.loads((out_dir / "student" / "config.json").read_text())
+    saved["args"].update(lr=3e-4, crop_scale=0.9, batch_size=6)
+    record.write_text(json.dumps(saved))
+    result = run_script("compare_recipes.py", "--data-dir", data_dir, "--out-dir", run,
+                        "--config", record, "--seeds", "0", "--resamples", "100",
+                        "--recipes", "plain=--method kd", "--", "--batch-size", "8",
+                        timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"settings from {record}: --recipe reference" in result.stdout
+    for stage in ("student", "kd_student"):
+        trained = json.loads((run / "recipes" / "plain" / "seed0" / stage /
+                              "config.json").read_text())["args"]
+        assert (trained["lr"], trained["crop_scale"], trained["epochs"], trained["arch"]) \
+            == (3e-4, 0.9, saved["args"]["epochs"], saved["args"]["arch"]), stage
+        assert trained["batch_size"] == 8              # the flag after -- wins
+        assert trained["out_dir"] != saved["args"]["out_dir"] and trained["seed"] == 0
