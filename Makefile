@@ -1,6 +1,7 @@
 # make demo   set up .venv, write the demo data, run all seven stages, evaluate_all and predict on it
 #             (another training seed: make demo DEMO_SEED=1 DEMO_RUNS=runs/demo-seed1)
 # make test   set up .venv (with the optional trackers) and run the test suite
+# make test-fast  the tests marked fast (pytest -m fast): the edit-test loop, every module touched
 # make bench  set up .venv and run the training-speed benchmark
 # make bench-processes  seconds per epoch of the demo teacher with 1 and 2 processes (torchrun)
 PYTHON ?= python3
@@ -26,7 +27,7 @@ TEST_ARGS := --data-dir $(DEMO_DATA) --out-dir $(DEMO_RUNS)
 DEMO_ASSETS ?= $(if $(filter 0,$(DEMO_SEED)),assets,$(DEMO_RUNS)/figures)
 FIGURES := --assets-dir $(DEMO_ASSETS)
 
-.PHONY: demo test bench bench-processes clean-demo
+.PHONY: demo test test-fast bench bench-processes clean-demo
 
 $(PY): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +57,9 @@ demo: $(PY) $(DEMO_DATA)/train.csv
 
 test: $(PY) $(VENV)/.trackers
 	$(PY) -m pytest -q tests
+
+test-fast: $(PY) $(VENV)/.trackers
+	$(PY) -m pytest -q -m fast tests
 
 bench: $(PY)
 	$(PY) benchmark.py

@@ -93,6 +93,7 @@ def test_cnn_and_vit_pairs_give_finite_losses_and_right_gradients(method, studen
     assert all(p.grad is None for p in objective.teachers.parameters())
 
 
+@pytest.mark.fast
 def test_vit_tokens_are_laid_out_on_their_grid():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
@@ -119,6 +120,7 @@ def test_vit_tokens_are_laid_out_on_their_grid():
     assert torch.allclose(feature_map[:, :, 1, 2], tokens[:, 1 + 1 * 4 + 2], atol=1e-5)
 
 
+@pytest.mark.fast
 def test_swin_channels_last_stages_become_maps():
     model = build_model("swin_t", 5, input_size=64).eval()
     images = torch.randn(1, 3, 64, 64)
@@ -141,6 +143,7 @@ def test_a_model_the_tap_cannot_read_is_refused_in_one_line():
         point.to_map(torch.randn(2, 6, 8), "blocks.0")
 
 
+@pytest.mark.fast
 def test_input_sizes_resize_position_embeddings_or_are_refused():
     for arch in ("vit_b_16", "timm:vit_tiny_patch16_224", "timm:beit_base_patch16_224"):
         with pytest.raises(ToolError, match="use a multiple of 16"):
@@ -149,6 +152,7 @@ def test_input_sizes_resize_position_embeddings_or_are_refused():
     assert build_model("vit_b_16", 5, input_size=48).encoder.pos_embedding.shape[1] == 1 + 9
 
 
+@pytest.mark.fast
 def test_torchvision_vit_imagenet_weights_are_resized_to_the_input(monkeypatch):
     torch.manual_seed(0)
     at_224 = torch.nn.Module.state_dict(build_model("vit_b_16", 1000, input_size=224))
@@ -183,6 +187,7 @@ def test_unknown_timm_model_is_one_line():
         build_model("timm:vit_gigantic_nope", 5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("arch", ["vit_b_16", "timm:vit_tiny_patch16_224"])
 def test_layer_decay_scales_from_embedding_to_head(arch):
     model = build_model(arch, 5, input_size=32)
@@ -201,6 +206,7 @@ def test_layer_decay_scales_from_embedding_to_head(arch):
         build_model("resnet18", 5))
 
 
+@pytest.mark.fast
 def test_parameter_groups_follow_the_scales_and_keep_alignment_at_full_rate():
     student = build_model("timm:vit_tiny_patch16_224", 5, input_size=32)
     objective = Distiller(student, [build_model("resnet18", 5)], "kd+cwd", LossWeights(),

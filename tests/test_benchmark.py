@@ -33,6 +33,7 @@ def test_benchmark_reports_every_stage_and_ratio(tmp_path):
         assert f"\n{stage} " in result.stdout  # one row of the printed table per stage
 
 
+@pytest.mark.fast
 def test_benchmark_can_run_with_the_default_allocator(tmp_path):
     result = run_script("benchmark.py", "--out-dir", tmp_path, *TINY_BENCH_ARGS,
                         "--stages", "student", env={"LRKD_DEFAULT_MALLOC": "1"})

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from PIL import Image
 from torchvision import transforms
+import pytest
 
 from conftest import TINY_TRAIN_ARGS, run_script
 from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, gather_batch, load_images, \
@@ -22,6 +23,7 @@ from src.predict import predict_probabilities
 from src.trainer import Runtime
 
 
+@pytest.mark.fast
 def test_disk_cache_holds_exactly_the_decoded_pixels(tiny_data, tmp_path):
     split = load_or_create_split(tiny_data, tmp_path, seed=0, quiet=True)
     direct = ImageSet.load(split, tiny_data, ["lr", "hr"], cache_dir=None, quiet=True)
@@ -43,6 +45,7 @@ def test_disk_cache_holds_exactly_the_decoded_pixels(tiny_data, tmp_path):
     assert batch["index"].tolist() == [5, 2, 7]
 
 
+@pytest.mark.fast
 def test_memory_mapped_cache_gives_the_same_batches(tiny_data, tmp_path):
     """A cache too large for memory is memory-mapped; batches must not depend on that
     (same rows, same order, so each sample keeps its crop and flip)."""
@@ -60,6 +63,7 @@ def test_memory_mapped_cache_gives_the_same_batches(tiny_data, tmp_path):
         assert torch.equal(batch[key], expected[key]), key
 
 
+@pytest.mark.fast
 def test_cached_views_match_a_per_image_pil_pipeline_and_stay_paired(tiny_data, tmp_path):
     """Our views from the disk cache (both resolutions, one crop and flip per sample)
     against the straightforward path: open each file with PIL, cut that sample's box at
@@ -92,6 +96,7 @@ def test_cached_views_match_a_per_image_pil_pipeline_and_stay_paired(tiny_data, 
                 1.5 / 255 / min(IMAGENET_STD), (resolution, position)
 
 
+@pytest.mark.fast
 def test_cached_teacher_logits_equal_the_online_teacher_without_augmentation():
     torch.manual_seed(0)
     student, teacher = build_model("resnet18", 4).eval(), build_model("resnet18", 4).eval()
@@ -140,6 +145,7 @@ def test_teacher_cache_trains_end_to_end_and_is_reused(finished_run, tmp_path):
     assert f"teacher logits from {cache_file}" in second.stdout
 
 
+@pytest.mark.fast
 def test_cache_is_keyed_by_image_content(data_copy, tmp_path):
     """A moved dataset reuses its cache; two images swapped, with their sizes and dates
     kept, get a new cache holding the swapped pixels."""

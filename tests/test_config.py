@@ -61,6 +61,7 @@ def _record(tmp_path, stage: str, flags: list[str], **extra) -> str:
     return str(path)
 
 
+@pytest.mark.fast
 def test_flags_given_win_over_the_config_which_wins_over_its_preset(tmp_path):
     config = _record(tmp_path, "kd_student", ["--recipe", "consistent", "--alpha", "0.5",
                                               "--epochs", "7", "--method", "kd+at"])
@@ -104,6 +105,7 @@ def test_a_config_that_does_not_fit_is_one_line(tiny_data, tmp_path):
         parse_train_arguments("student", ["--config", str(tmp_path / "missing.json")])
 
 
+@pytest.mark.fast
 def test_a_runners_flags_from_a_record_train_as_the_record_says(finished_run, tmp_path):
     """run_seeds.py/compare_recipes.py turn a record into shared flags: parsed by the stage,
     those flags give every recorded setting back, except what the runner sets itself (data,

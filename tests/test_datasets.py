@@ -42,6 +42,7 @@ def _fake_fashion_mnist(per_class: int = 6, seed: int = 0):
     return images, labels
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_files_are_read_raw_or_gzipped(tmp_path, gz):
     images, labels = _fake_fashion_mnist()
@@ -132,6 +133,7 @@ def test_fashion_mnist_unlabelled_images_are_other_photos_without_labels(tmp_pat
                    if path.name != "unlabelled.csv")
 
 
+@pytest.mark.fast
 def test_balanced_subset_split_is_drawn_once_and_checked(tmp_path):
     tiny_data = make_tiny_dataset(tmp_path / "data", classes=4, per_class=14)
     split = load_or_create_split(tiny_data, tmp_path, seed=0, per_class=10, quiet=True)

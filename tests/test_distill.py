@@ -3,12 +3,17 @@
 import math
 
 import torch
+import pytest
 
 from src.data import ImageSet, batch_indices, epoch_generator, load_or_create_split
 from src.distill import Distiller, LossWeights
 from src.losses import kd_loss
 from src.models import FrozenTeacher, build_model
 from src.trainer import FitConfig, Runtime, train_one_epoch
+
+
+# Quick enough for make test-fast.
+pytestmark = pytest.mark.fast
 
 
 def test_kd_loss_equals_hand_computed_value():

@@ -67,6 +67,7 @@ def max_difference(first: dict, second: dict) -> float:
     return max((first[key].double() - second[key].double()).abs().max().item() for key in first)
 
 
+@pytest.mark.fast
 def test_shares_split_every_global_batch_exactly_once():
     for batch_size in (2, 7, 8, 64, 65):
         for world_size in (1, 2, 3):

@@ -8,6 +8,10 @@ from src import plots
 from src.demo import class_names
 
 
+# Quick enough for make test-fast.
+pytestmark = pytest.mark.fast
+
+
 @pytest.fixture()
 def drawn(monkeypatch):
     """The figure a plot function made, drawn (so text has its size) instead of saved."""

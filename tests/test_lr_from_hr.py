@@ -8,6 +8,7 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch import nn
+import pytest
 
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
 from src.data import ImageSet, batch_indices, epoch_generator, load_or_create_split
@@ -30,6 +31,7 @@ def _shifted(hr: np.ndarray, down: int, right: int) -> np.ndarray:
     return padded[:, down:, right:]
 
 
+@pytest.mark.fast
 def test_rendered_lr_is_the_shifted_hr_twin_box_filtered():
     scale = 4
     hr = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8,
@@ -90,6 +92,7 @@ def _training_views(tiny_data, tmp_path, lr_from_hr: int):
     return grey_levels(lr), grey_levels(hr), stored_lr[index]
 
 
+@pytest.mark.fast
 def test_training_views_are_rendered_and_the_teacher_sees_the_same_shift(tiny_data, tmp_path):
     lr, hr, stored_lr = _training_views(tiny_data, tmp_path / "on", lr_from_hr=4)
     # The HR view the teacher gets, box-filtered, is the LR view the student gets ...
@@ -103,6 +106,7 @@ def test_training_views_are_rendered_and_the_teacher_sees_the_same_shift(tiny_da
     assert (lr - stored_lr).abs().max().item() < 0.01
 
 
+@pytest.mark.fast
 def test_kd_student_with_lr_from_hr_trains_on_views_rendered_from_hr(finished_run, tmp_path,
                                                                     monkeypatch):
     """In force, not echoed: every training batch's LR views are rendered from its HR

@@ -19,6 +19,7 @@ FEATURE_LOSSES = {"at": at_loss, "cwd": lambda s, t: cwd_loss(s, t, 4.0), "amd":
                   "fitnet": fitnet_loss}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", FEATURE_LOSSES)
 def test_feature_loss_is_zero_for_equal_features_and_positive_otherwise(name):
     loss = FEATURE_LOSSES[name]
@@ -28,6 +29,7 @@ def test_feature_loss_is_zero_for_equal_features_and_positive_otherwise(name):
     assert loss(features, torch.randn(2, 8, 6, 6)).item() > 0
 
 
+@pytest.mark.fast
 def test_at_by_hand():
     # Attention maps [1, 0] and [0, 1] (already unit length): mean squared difference 1.
     student = torch.tensor([[[[1.0, 0.0]]]])
@@ -35,6 +37,7 @@ def test_at_by_hand():
     assert at_loss(student, teacher).item() == pytest.approx(1.0)
 
 
+@pytest.mark.fast
 def test_cwd_by_hand():
     # One channel, two locations. Teacher at tau=4: softmax([ln 3, 0]) = [3/4, 1/4];
     # student [1/2, 1/2]; KL = 0.75 ln 1.5 - 0.25 ln 2; loss = tau^2 KL = 2.0929923.
@@ -44,6 +47,7 @@ def test_cwd_by_hand():
     assert cwd_loss(student, teacher, 4.0).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.fast
 def test_fitnet_by_hand():
     # Differences 1, -3 over two elements: mean square (1 + 9) / 2 = 5.
     student = torch.tensor([[[[2.0, 0.0]]]])
@@ -51,6 +55,7 @@ def test_fitnet_by_hand():
     assert fitnet_loss(student, teacher).item() == pytest.approx(5.0)
 
 
+@pytest.mark.fast
 def test_fitnet_of_a_teacher_initialised_student_starts_at_zero():
     # Same architecture: no projection, the maps are compared as they are. A student that
     # is a copy of the teacher, shown the same image, has nothing to regress; shown another
@@ -72,6 +77,7 @@ def test_fitnet_of_a_teacher_initialised_student_starts_at_zero():
     assert terms["fitnet"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.fast
 def test_a_1x1_map_warns_for_the_spatial_methods_only(capsys):
     # ResNet18 at 32 px ends in a 1x1 map: attention transfer is then exactly zero (one
     # location), while fitnet still regresses the 512 values.
@@ -93,6 +99,7 @@ def test_a_1x1_map_warns_for_the_spatial_methods_only(capsys):
             assert terms["fitnet"].item() > 0
 
 
+@pytest.mark.fast
 def test_dkd_by_hand():
     # Label 0. Teacher probabilities [1/2, 1/4, 1/4], student [1/2, 3/8, 1/8] (T = 1).
     # TCKD: both binary distributions are [1/2, 1/2], so 0. NCKD: teacher non-target
@@ -114,6 +121,7 @@ def test_dkd_by_hand():
     assert same.abs().item() < 1e-6
 
 
+@pytest.mark.fast
 def test_mgd_by_hand():
     generator = MGDGenerator(1, mask_ratio=0.5)
     with torch.no_grad():    # make the generator relu(x): identity kernels, no bias
@@ -130,6 +138,7 @@ def test_mgd_by_hand():
     assert generator(student, torch.zeros_like(student), keep_half).item() == pytest.approx(17)
 
 
+@pytest.mark.fast
 def test_amd_angular_terms_by_hand():
     # q = 1/2 with s = 2, m = 1: psi = 2 cos(arccos 1/2) = 1, nu = 2 (1 - 1/2) = 1,
     # log-probability = 1 - ln(e + e) = -ln 2.
@@ -142,6 +151,7 @@ def test_amd_angular_terms_by_hand():
     assert with_margin.item() == pytest.approx(64 * math.cos(1.35 * math.acos(0.5)), rel=1e-5)
 
 
+@pytest.mark.fast
 def test_amd_global_and_local_weighting():
     torch.manual_seed(1)
     student, teacher = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
@@ -151,6 +161,7 @@ def test_amd_global_and_local_weighting():
         0.8 * only_global.item() + 0.2 * only_local.item(), rel=1e-5)
 
 
+@pytest.mark.fast
 def test_amd_global_loss_matches_a_hand_worked_value():
     """Student attention (1, 0, 0, 0) over a 2x2 map, the teacher's (1, 1, 1, 1) (summed
     over two channels): normalised, q_s = (1, 0, 0, 0) and q_t = (1/2, 1/2, 1/2, 1/2)."""
@@ -178,6 +189,7 @@ def test_amd_global_loss_matches_a_hand_worked_value():
                                                                                   rel=1e-5)
 
 
+@pytest.mark.fast
 def test_amd_local_loss_is_the_mean_over_the_four_quadrants():
     torch.manual_seed(2)
     student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
@@ -194,6 +206,7 @@ def _pair(student_arch="resnet18", teacher_arch="mobilenet_v3_large"):
     return build_model(student_arch, 5), build_model(teacher_arch, 5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("method", ["kd", "dkd", "at", "cwd", "mgd", "amd", "fitnet",
                                     "dkd+cwd+mgd+amd+fitnet"])
 def test_mismatched_sizes_and_channels_give_finite_losses_and_right_gradients(method):
@@ -222,6 +235,7 @@ def test_mismatched_sizes_and_channels_give_finite_losses_and_right_gradients(me
         assert "projections.0.weight" in objective.extra_state()        # saved with the student
 
 
+@pytest.mark.fast
 def test_two_identical_teachers_equal_one():
     student, teacher = _pair("resnet18", "resnet18")
     views = {"lr": torch.randn(3, 3, 64, 64), "hr": torch.randn(3, 3, 64, 64)}
@@ -236,6 +250,7 @@ def test_two_identical_teachers_equal_one():
             assert torch.allclose(single_terms[name], double_terms[name], rtol=1e-5), name
 
 
+@pytest.mark.fast
 def test_soft_targets_average_teacher_probabilities():
     student, teacher = _pair("resnet18", "resnet18")
     other = build_model("resnet18", 5)
@@ -255,6 +270,7 @@ def test_soft_targets_average_teacher_probabilities():
     assert kd_loss(student(views["lr"]), teacher(views["hr"]), 4.0).item() > 0
 
 
+@pytest.mark.fast
 def test_method_names_are_checked():
     assert parse_method("KD+at") == ["kd", "at"]
     for bad in ("kd+dkd", "xyz", "at+at", ""):
@@ -306,6 +322,7 @@ def test_two_teachers_end_to_end_and_bad_method(finished_run, tmp_path):
     assert_one_line_error(weights, "--teacher-weights gives 2 weight(s) for 1 teacher(s)")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("student_arch,teacher_arch", [("efficientnet_b0", "resnet50"),
                                                        ("mobilenet_v3_large", "resnet18")])
 def test_student_and_teacher_families_combine(student_arch, teacher_arch):

@@ -7,6 +7,10 @@ from src.cli import ToolError
 from src.models import TESTED_ARCHS, build_model
 
 
+# Quick enough for make test-fast.
+pytestmark = pytest.mark.fast
+
+
 @pytest.mark.parametrize("arch", TESTED_ARCHS)
 def test_tested_architectures_build_with_a_new_head_and_run(arch):
     model = build_model(arch, 7).eval()

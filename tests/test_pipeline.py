@@ -13,6 +13,7 @@ SCRIPTS = ["check_data.py", "make_demo_data.py", "train_teacher.py", "train_stud
            "train_kd_student.py", "test_teacher.py", "test_student.py", "test_kd_student.py"]
 
 
+@pytest.mark.fast
 def test_test_stages_write_metrics_with_accuracy_macro_f1_and_n(finished_run):
     _, out_dir, _, _ = finished_run
     split = pd.read_csv(out_dir / "split.csv")
@@ -75,6 +76,7 @@ def test_comparison_warns_when_students_differ_in_settings(finished_run, tmp_pat
         in result.stdout
 
 
+@pytest.mark.fast
 def test_check_data_passes_clean_data(tiny_data):
     result = run_script("check_data.py", "--data-dir", tiny_data)
     assert result.returncode == 0, result.stderr
@@ -83,6 +85,7 @@ def test_check_data_passes_clean_data(tiny_data):
     assert "HR image sizes: 32x32 (40)" in result.stdout
 
 
+@pytest.mark.fast
 def test_demo_data_is_deterministic(tmp_path):
     first, second = make_tiny_dataset(tmp_path / "a"), make_tiny_dataset(tmp_path / "b")
     for name in ("train.csv", "test.csv", "train/TRAIN_00003.png",

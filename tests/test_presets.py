@@ -108,6 +108,7 @@ def test_every_preset_through_every_runner(split_with_teacher, tmp_path, preset,
                     "best.pt").exists()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("runner", ["run_seeds.py", "compare_recipes.py"])
 def test_runners_check_every_stage_before_training(split_with_teacher, tmp_path, runner):
     data, _ = split_with_teacher

@@ -29,6 +29,7 @@ def _paired_views(batch: int = 6, lr_side: int = 8, scale: int = 4):
     return {"lr": lr, "hr": F.interpolate(lr, scale_factor=scale, mode="nearest")}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("mixup,cutmix", [(0.4, 0.0), (0.0, 1.0)])
 def test_paired_mixing_gives_lr_and_hr_the_same_partner_and_share(mixup, cutmix):
     views = _paired_views()
@@ -58,6 +59,7 @@ def test_paired_mixing_gives_lr_and_hr_the_same_partner_and_share(mixup, cutmix)
                                                          mode="nearest"))
 
 
+@pytest.mark.fast
 def test_mixing_is_off_by_default_and_repeats_for_a_generator():
     assert sample_mix_params(4, torch.Generator(), 0.0, 0.0, 8) is None
     first = sample_mix_params(4, torch.Generator().manual_seed(3), 0.2, 1.0, 8)
@@ -66,6 +68,7 @@ def test_mixing_is_off_by_default_and_repeats_for_a_generator():
         and first.box == again.box
 
 
+@pytest.mark.fast
 def test_mixed_cross_entropy_weighs_both_labels():
     logits = torch.randn(4, 5)
     labels = torch.tensor([0, 1, 2, 3])
@@ -88,6 +91,7 @@ def _config(**overrides) -> FitConfig:
     return FitConfig(**settings)
 
 
+@pytest.mark.fast
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=1e-3)
@@ -156,6 +160,7 @@ def test_teacher_initialised_student_starts_from_the_teachers_weights(finished_r
     assert_one_line_error(other, "--weights teacher", "resnet18", "resnet34", "same --arch")
 
 
+@pytest.mark.fast
 def test_feature_taps_read_every_named_layer():
     model = build_model("resnet18", 4)
     tap = FeatureTap(model, "student", ("layer1", "layer2", "layer3", "last"))
@@ -169,6 +174,7 @@ def test_feature_taps_read_every_named_layer():
         model(torch.zeros(1, 3, 64, 64))
 
 
+@pytest.mark.fast
 def test_multi_layer_attention_transfer_sums_layers_with_larger_hr_maps_aligned():
     torch.manual_seed(0)
     student, teacher = build_model("resnet18", 4), build_model("resnet18", 4).eval()
@@ -194,6 +200,7 @@ def test_multi_layer_attention_transfer_sums_layers_with_larger_hr_maps_aligned(
     assert all(p.grad is None for p in objective.teachers.parameters())
 
 
+@pytest.mark.fast
 def test_cwd_projections_per_layer_and_teacher():
     student = build_model("resnet18", 4)
     teachers = [build_model("resnet50", 4), build_model("resnet34", 4)]
@@ -219,6 +226,7 @@ def test_cwd_projections_per_layer_and_teacher():
     assert student.layer4[-1].conv2.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.fast
 def test_presets_fill_defaults_and_explicit_flags_win():
     consistent = parse_train_arguments("kd_student", ["--recipe", "consistent"])
     for key, value in RECIPES["consistent"].items():
@@ -239,6 +247,7 @@ def test_presets_fill_defaults_and_explicit_flags_win():
     assert teacher.weights == "imagenet" and teacher.schedule == "cosine"
 
 
+@pytest.mark.fast
 def test_presets_say_what_an_explicit_flag_replaces_and_weigh_ce_only_against_kd():
     from src.arguments import preset_overrides
     from src.stages import resolve_train_arguments
@@ -257,6 +266,7 @@ def test_presets_say_what_an_explicit_flag_replaces_and_weigh_ce_only_against_kd
         assert args.alpha == alpha, method
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("flag,value,message", [
     ("--lr", "-1", "--lr must be positive"),
     ("--lr", "0", "--lr must be positive"),
@@ -297,6 +307,7 @@ def _numeric_flags() -> list:
     return sorted(flags.items())
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("flag, where", _numeric_flags(),
                          ids=[flag for flag, _ in _numeric_flags()])
 def test_every_numeric_flag_refuses_negative_and_non_finite_values(flag, where):
@@ -309,6 +320,7 @@ def test_every_numeric_flag_refuses_negative_and_non_finite_values(flag, where):
             check_arguments(parse_train_arguments(stage, [flag, value]))
 
 
+@pytest.mark.fast
 def test_cosine_warmup_must_leave_a_decay():
     with pytest.raises(ToolError, match="--warmup-epochs 5.0 leaves nothing"):
         check_arguments(parse_train_arguments(
@@ -332,6 +344,7 @@ def test_teacher_cache_refuses_mixing(finished_run, tmp_path):
     assert_one_line_error(result, "--teacher-cache", "--mixup")
 
 
+@pytest.mark.fast
 def test_hard_labels_objective_uses_the_mix():
     model = build_model("resnet18", 3)
     objective = HardLabels(model, "lr").eval()
@@ -344,6 +357,7 @@ def test_hard_labels_objective_uses_the_mix():
                             F.cross_entropy(logits, torch.tensor([0, 2])).item())
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("monitor,best_epoch", [("val_macro_f1", 3), ("val_acc", 2),
                                                 ("val_loss", 4)])
 def test_select_by_keeps_the_epoch_best_on_its_own_measure(monkeypatch, tmp_path, monitor,

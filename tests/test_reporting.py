@@ -62,6 +62,7 @@ def test_evaluate_all_writes_table_json_and_every_figure(finished_run, tmp_path)
         assert png.startswith(b"\x89PNG") and len(png) > 5000, name
 
 
+@pytest.mark.fast
 def test_evaluate_all_compares_each_model_with_the_baseline(finished_run, tmp_path,
                                                              monkeypatch):
     """Predictions set per image so that every pair of models differs: student right on

@@ -131,6 +131,7 @@ def test_non_finite_loss_stops_the_stage(tiny_data, tmp_path):
     assert not (tmp_path / "student" / "best.pt").exists()
 
 
+@pytest.mark.fast
 def test_a_flag_added_after_a_run_counts_as_its_default():
     # A run saved before --fitnet-weight existed trained as its default does: kept when
     # the default is wanted, refused when another value is.

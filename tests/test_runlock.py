@@ -73,6 +73,7 @@ def _holder(**changes) -> dict:
     return holder
 
 
+@pytest.mark.fast
 def test_which_holders_count_as_gone():
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
@@ -86,6 +87,7 @@ def test_which_holders_count_as_gone():
     assert not runlock.holder_is_gone(_holder(pid=ended.pid, host="elsewhere"))
 
 
+@pytest.mark.fast
 def test_under_torchrun_the_lock_is_the_jobs_not_the_ranks(tmp_path, monkeypatch):
     lock = tmp_path / ".teacher.lock"
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -8,6 +8,10 @@ from src.cli import ToolError
 from src.data import load_or_create_split, make_split
 
 
+# Quick enough for make test-fast.
+pytestmark = pytest.mark.fast
+
+
 def _table(counts: dict) -> pd.DataFrame:
     rows = [(f"train/{label}_{i}.png", f"upscale_train/{label}_{i}.png", label)
             for label, count in counts.items() for i in range(count)]

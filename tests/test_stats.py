@@ -10,6 +10,10 @@ from src.stats import confusion_scores, gap_closed, mcnemar_exact, mean_and_std,
     paired_bootstrap
 
 
+# Quick enough for make test-fast.
+pytestmark = pytest.mark.fast
+
+
 def test_mcnemar_small_table_by_hand():
     # 10 images: both right on 3, only A right on 1, only B right on 5, both wrong on 1.
     a = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)

@@ -118,6 +118,7 @@ def test_every_history_figure_and_test_figure_is_logged(finished_run, run_copy):
     assert all(logged[f"figures/{path.stem}"]["_type"] == "image-file" for path in written)
 
 
+@pytest.mark.fast
 def test_trackers_are_imported_only_when_asked_for():
     probe = ("import sys, src.stages, src.compare, src.seeds, src.report; "
              "print(sorted(name for name in ('tensorboard', 'wandb') if name in sys.modules))")

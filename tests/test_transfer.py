@@ -68,6 +68,7 @@ def as_jpeg(pixels: np.ndarray) -> np.ndarray:
     return np.asarray(Image.open(buffer).convert("RGB"))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("degradation", DEGRADATIONS)
 def test_rendered_lr_equals_stored_lr_within_jpeg_rounding(degradation, capsys):
     """LR images made by a known degradation and stored as JPEG: that degradation renders
@@ -290,6 +291,7 @@ def test_a_pseudo_teacher_labels_the_students_own_lr_view():
         assert torch.isfinite(terms["ce"]) and torch.isfinite(terms["kd"])
 
 
+@pytest.mark.fast
 def test_logit_and_feature_terms_of_two_teachers_teach_on_unlabelled_rows():
     """On a batch of unlabelled rows only: no cross-entropy, and the dkd and at terms of
     two teachers are each non-zero and each reach the student's weights on their own."""

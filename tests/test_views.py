@@ -5,9 +5,14 @@ import signal
 import time
 
 import torch
+import pytest
 
 from src.data import IMAGENET_STD, ViewParams, make_view, make_views, sample_view_params
 from src.demo import downsample
+
+
+# Quick enough for make test-fast.
+pytestmark = pytest.mark.fast
 
 
 def _ramps(size: int, batch: int) -> torch.Tensor:
