@@ -124,7 +124,7 @@ def acquire(lock: Path, what: str) -> dict:
                 f"{holder.get('host')}, since {holder.get('since')}); wait for it to end or "
                 f"use another --out-dir (if that process no longer runs, delete {lock})")
         _write(lock, me, replace=True)
-        if _read_holder(lock).get("job") == me["job"]:
+        if (_read_holder(lock) or {}).get("job") == me["job"]:
             print(f"note: took over {lock}, left by PID {holder.get('pid')} on "
                   f"{holder.get('host')}, which no longer runs" if holder else
                   f"note: replaced the unreadable lock {lock}")
