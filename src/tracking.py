@@ -14,7 +14,6 @@ or a model's test), and under torchrun only rank 0 logs.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +79,7 @@ class Trackers:
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
         if self.run is not None:
-            # W&B keeps NaN (a final fit's validation figures) as None-like; log it as is.
-            self.run.log({key: (value if math.isfinite(value) else float("nan"))
-                          for key, value in numbers.items()}, step=step)
+            self.run.log(numbers, step=step)
 
     def log_epoch(self, row: dict) -> None:
         """One history.csv row: every column but the epoch, at that epoch."""
