@@ -15,8 +15,8 @@ from .cli import ToolError, ensure_writable_dir, write_json, write_text
 from .data import decode_image
 from .plots import plot_confusion, plot_embeddings, plot_per_class_f1, plot_sample_predictions
 from .arguments import STAGES, figures_dir
-from .stages import comparability_warnings, load_saved_split, plot_comparison_figures, \
-    test_stage
+from .comparison import comparability_warnings, plot_comparison_figures
+from .stages import load_saved_split, test_stage
 from .stats import gap_closed, mcnemar_exact, paired_bootstrap
 
 
