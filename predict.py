@@ -16,7 +16,7 @@ from src.cli import ToolError, ensure_writable_dir, pick_device, require_at_leas
     write_csv
 from src.predict import HOLDOUT_LABELS, holdout_scores, predict_test_set, \
     read_holdout_labels
-from src.arguments import common_arguments, read_run_record
+from src.arguments import common_arguments, given_options, read_run_record
 from src.stages import cache_dir_for, runtime_for
 
 
@@ -51,7 +51,7 @@ def main() -> int:
         records = [read_run_record(path, ("student", "kd_student"), "predict.py")
                    for path in args.config]
         ckpts = [path.parent / "best.pt" for path in args.config]
-        given = {token.split("=")[0] for token in sys.argv[1:]}
+        given = given_options(sys.argv[1:])
         for flag in ("--data-dir", "--out-dir"):    # the run's data, its image cache
             dest = flag[2:].replace("-", "_")
             if flag not in given:

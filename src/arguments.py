@@ -385,12 +385,12 @@ def parse_train_arguments(stage: str, argv=None) -> argparse.Namespace:
     ``--config`` applies its preset over the saved settings)."""
     parser = train_parser(stage)
     saved = config_defaults(parser, stage, argv)
-    if "--recipe" in _given_options(argv):
+    if "--recipe" in given_options(argv):
         # The preset named now owns every setting a preset sets (the parser's default
         # where it sets none), not the saved run's.
         saved = {key: value for key, value in saved.items() if key not in PRESET_SETTINGS}
     parser.set_defaults(**saved)
-    if not saved or "--recipe" in _given_options(argv):
+    if not saved or "--recipe" in given_options(argv):
         parser.set_defaults(**_preset_for(parser, stage, argv))
     return parser.parse_args(argv)
 
@@ -400,7 +400,8 @@ NOT_FROM_CONFIG = {"resume", "overwrite", "config"}
 PRESET_SETTINGS = {key for preset in RECIPES.values() for key in preset}
 
 
-def _given_options(argv) -> set[str]:
+def given_options(argv) -> set[str]:
+    """The options written on a command line (``--lr=0.1`` counts as ``--lr``)."""
     return {token.split("=")[0] for token in (argv or []) if token.startswith("--")}
 
 
@@ -526,7 +527,7 @@ def replaced_preset_values(stage: str, argv) -> dict[str, tuple]:
     ``{option: (given value, preset's value)}``."""
     parser = train_parser(stage)
     preset, args = _preset_for(parser, stage, argv), parse_train_arguments(stage, argv)
-    given = _given_options(argv)
+    given = given_options(argv)
     return {action.option_strings[0]: (getattr(args, action.dest), preset[action.dest])
             for action in parser._actions
             if action.dest in preset and given & set(action.option_strings)
@@ -539,7 +540,7 @@ def preset_overrides(stage: str, argv) -> list[str]:
     parser = train_parser(stage)
     saved = config_defaults(parser, stage, argv)
     args = parse_train_arguments(stage, argv)
-    given = _given_options(argv)
+    given = given_options(argv)
     now = jsonable(args)
     lines = [f"note: {action.option_strings[0]} {now[action.dest]} replaces the saved run's "
              f"{saved[action.dest]} ({args.config})"

@@ -27,7 +27,7 @@ from .distill import normalised_teacher_weights
 from .predict import holdout_scores, predict_test_set, read_holdout_labels, score_teachers
 from .recipes import RECIPES
 from .seeds import run_stage_in
-from .arguments import check_stage_flags, jsonable, parse_train_arguments, \
+from .arguments import check_stage_flags, given_options, jsonable, parse_train_arguments, \
     replaced_preset_values, stage_flags
 from .stages import load_saved_split, with_teacher_weights
 from .stats import gap_closed, mean_and_std
@@ -70,7 +70,7 @@ def keep_preset_settings(name: str, flags: list[str], common: list[str]) -> list
 
 
 def uses_flag(flags: list[str], flag: str) -> bool:
-    return any(token.split("=")[0] == flag for token in flags)
+    return flag in given_options(flags)
 
 
 def uses_unlabelled(flags: list[str]) -> bool:

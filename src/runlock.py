@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .cli import ToolError
+from .distributed import launched_by_torchrun
 
 
 def _read_text(path: str) -> str | None:
@@ -47,7 +48,7 @@ def job_identity() -> str:
     """What every rank of one job shares and no other running job does: torchrun's
     rendezvous id, or its master address and port (``--rdzv-id`` defaults to "none");
     a process on its own is its host and PID."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_by_torchrun():
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         if run_id != "none":
             return f"torchrun {run_id}"
