@@ -24,11 +24,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from .cli import ToolError, progress_bar, read_json, write_csv, write_json
+from .cli import ToolError, atomic_write, progress_bar, read_json, write_csv, write_json
 
 TRAIN_COLUMNS = ("img_path", "upscale_img_path", "label")
 TEST_COLUMNS = ("ID", "img_path")
 SUBSETS = ("train", "val", "test")
+# A run folder's split, in the order it is written: split.csv's presence marks it complete.
+SPLIT_FILES = ("split.json", "split.csv")
 # 8:1:1 leaves a class of n images about n/10 validation and test images; below 10 one of
 # them would be empty and stratification impossible.
 MIN_IMAGES_PER_CLASS = 10
@@ -173,7 +175,7 @@ def load_or_create_split(data_dir: Path, out_dir: Path, seed: int, quiet: bool =
     otherwise split ``train.csv`` (or a balanced subset of ``per_class`` images of each
     class) and save it, so every stage sees the same images."""
     table = read_train_table(data_dir)
-    split_csv, split_json = Path(out_dir) / "split.csv", Path(out_dir) / "split.json"
+    split_json, split_csv = (Path(out_dir) / name for name in SPLIT_FILES)
     data_fingerprint = table_fingerprint(table.sort_values("img_path"), TRAIN_COLUMNS)
     if split_csv.exists():
         saved = read_table(split_csv, (*TRAIN_COLUMNS, "subset"))
@@ -196,15 +198,27 @@ def load_or_create_split(data_dir: Path, out_dir: Path, seed: int, quiet: bool =
     frame = make_split(table, seed)
     classes = sorted(frame["label"].unique())
     counts = frame["subset"].value_counts()
-    write_csv(split_csv, frame)
+    # split.csv last: its presence says the split is complete, so a run killed between the
+    # two writes leaves a folder the next run splits afresh instead of one it cannot read.
     write_json(split_json, {"seed": seed, "fingerprint": data_fingerprint, "classes": classes,
                             "counts": {name: int(counts.get(name, 0)) for name in SUBSETS},
                             "per_class": per_class})
+    write_csv(split_csv, frame)
     if not quiet:
         print(f"split {len(frame)} images of {len(classes)} classes into "
               + ", ".join(f"{name} {counts.get(name, 0)}" for name in SUBSETS)
               + f" (seed {seed}) -> {split_csv}")
     return Split(frame, classes, seed, data_fingerprint)
+
+
+def copy_split(from_dir: Path, to_dir: Path) -> None:
+    """Give ``to_dir`` the split of ``from_dir`` unless it has one: each file copied whole
+    and in writing order, so a copy cut short is redone rather than half read."""
+    if (Path(to_dir) / SPLIT_FILES[-1]).exists():
+        return
+    for name in SPLIT_FILES:
+        atomic_write(Path(to_dir) / name,
+                     lambda tmp, source=Path(from_dir) / name: shutil.copyfile(source, tmp))
 
 
 def _check_split_matches(saved: pd.DataFrame, table: pd.DataFrame, split_csv: Path,

@@ -8,14 +8,13 @@ a user would get by hand; a finished seed is skipped and an interrupted one resu
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 
 from .cli import ToolError, publish_table, read_json
-from .data import load_or_create_split
+from .data import copy_split, load_or_create_split
 from .distributed import launcher
 from .arguments import STAGES, check_stage_flags, stage_flags
 from .stats import mean_and_std
@@ -63,9 +62,7 @@ def run_stage_in(folder: Path, stage: str, main_out_dir: Path, data_dir: Path,
     its image cache. A finished stage is kept, an unfinished one resumed. ``processes`` >
     1 trains under torchrun on this node."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in ("split.csv", "split.json"):
-        if not (folder / name).exists():
-            shutil.copy(Path(main_out_dir) / name, folder / name)
+    copy_split(main_out_dir, folder)
     common = ["--data-dir", str(data_dir), "--out-dir", str(folder),
               "--cache-dir", str(Path(main_out_dir) / "cache")]
     status = run_status(folder / stage)

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from src.cli import ToolError
-from src.data import load_or_create_split, make_split
+from src import cli
+from src.data import copy_split, load_or_create_split, make_split
 
 
 # Quick enough for make test-fast.
@@ -49,6 +50,45 @@ def test_saved_split_is_reused_even_with_another_seed(tiny_data, tmp_path, capsy
     assert (tmp_path / "split.csv").read_bytes() == saved_bytes
     assert first.frame["subset"].tolist() == again.frame["subset"].tolist()
     assert first.classes == again.classes == sorted(first.frame["label"].unique())
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def _killed_at_write(monkeypatch, number: int) -> None:
+    """Make the ``number``-th file this process puts in place (cli.atomic_write) its last."""
+    real_replace, count = cli.os.replace, [0]
+
+    def replace(source, target):
+        count[0] += 1
+        if count[0] == number:
+            raise _Killed
+        real_replace(source, target)
+    monkeypatch.setattr(cli.os, "replace", replace)
+
+
+@pytest.mark.parametrize("killed_at", [1, 2])
+def test_a_run_killed_while_saving_the_split_leaves_a_folder_the_next_run_splits(
+        tiny_data, tmp_path, monkeypatch, killed_at):
+    # Seen in CI: a run SIGKILLed between the two files left split.csv without split.json,
+    # and every later run in that folder stopped on "split.json: file not found".
+    reference = load_or_create_split(tiny_data, tmp_path / "reference", seed=0)
+    with monkeypatch.context() as patch:
+        _killed_at_write(patch, killed_at)
+        with pytest.raises(_Killed):
+            load_or_create_split(tiny_data, tmp_path / "run", seed=0)
+    again = load_or_create_split(tiny_data, tmp_path / "run", seed=0)
+    assert again.frame.equals(reference.frame) and again.classes == reference.classes
+
+    with monkeypatch.context() as patch:
+        _killed_at_write(patch, killed_at)
+        with pytest.raises(_Killed):
+            copy_split(tmp_path / "reference", tmp_path / "copy")
+    copy_split(tmp_path / "reference", tmp_path / "copy")
+    for name in ("split.csv", "split.json"):
+        assert (tmp_path / "copy" / name).read_bytes() == \
+            (tmp_path / "reference" / name).read_bytes()
 
 
 def test_all_stages_used_the_same_split(finished_run):
