@@ -9,7 +9,7 @@ finished ones. Needs <out-dir>/teacher/best.pt (train_teacher.py, which also mak
 split: give it --split-per-class N for a balanced subset of large data).
 
     python compare_recipes.py --recipes reference consistent --seeds 0 1 2 -- --epochs 30
-    python compare_recipes.py --recipes reference 'dkd=--method dkd' 'at=--method kd+at'
+    python compare_recipes.py --recipes reference 'mine=--method METHOD' 'hot=--temperature 8'
     python compare_recipes.py --recipes consistent \
         'transfer=--recipe transfer --unlabelled data/unlabelled.csv' -- --epochs 30
     python compare_recipes.py --recipes consistent --teacher-ckpt runs/teacher/best.pt \
@@ -44,8 +44,9 @@ def main() -> int:
     parser.add_argument("--recipes", nargs="+",
                         default=[name for name in RECIPES if name not in NEEDS_UNLABELLED],
                         help="presets (" + ", ".join(RECIPES) + ") or NAME=FLAGS, e.g. "
-                             "'dkd=--method dkd'; a preset named alone keeps its own settings "
-                             "over the flags after -- (saying so), so that it is compared as "
+                             "'mine=--method METHOD' (train_kd_student.py --help lists the "
+                             "methods); a preset named alone keeps its own settings over the "
+                             "flags after -- (saying so), so that it is compared as "
                              "it is: tune one with NAME=--recipe PRESET FLAGS; a recipe with "
                              "--unlabelled also gets a "
                              "self-training baseline (the same images labelled by the seed's "

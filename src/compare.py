@@ -3,7 +3,7 @@ split and one teacher (or one set of teachers); mean ± std, the paired 95% inte
 KD - baseline and the share of the teacher-baseline gap closed.
 
 A recipe is a preset name (``consistent``, see ``recipes.py``) or ``NAME=FLAGS``
-(``dkd=--method dkd``). Its baseline student trains with the same flags less the
+(``mine=--method METHOD``). Its baseline student trains with the same flags less the
 distillation ones, so both share budget, schedule, augmentation and initialisation;
 recipes whose baselines would train alike share one. Each run is the stage scripts run as
 a user would, in ``<out-dir>/recipes/<name>/seed<k>/`` on a copy of the split; a finished
@@ -38,7 +38,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def parse_recipe(spec: str) -> tuple[str, list[str]]:
     """``consistent`` -> ("consistent", ["--recipe", "consistent"]);
-    ``dkd=--method dkd`` -> ("dkd", ["--method", "dkd"])."""
+    ``mine=--lr 1e-3`` -> ("mine", ["--lr", "1e-3"])."""
     name, _, flags = spec.partition("=")
     if not NAME.match(name):
         raise ToolError(f"--recipes {spec!r}: a name of letters, digits, '.', '_' or '-' "
@@ -277,7 +277,8 @@ def compare_runs(baseline: list[dict], kd: list[dict], teacher: dict,
         for key in ("accuracy", "macro_f1"):
             base_values = [run[key] for run in base_runs]
             kd_values = [run[key] for run in kd_runs]
-            entry[key] = {"baseline": mean_and_std(base_values), "kd": mean_and_std(kd_values),
+            entry[key] = {"baseline": mean_and_std(base_values),
+                          "kd_student": mean_and_std(kd_values),
                           "difference": mean_and_std(np.subtract(kd_values, base_values))}
             entry[key]["gap_closed"] = None if teacher_scores is None else gap_closed(
                 teacher_scores[key], float(np.mean(base_values)), float(np.mean(kd_values)))
@@ -397,13 +398,13 @@ def recipes_table(summary: dict) -> str:
 def _table_line(recipe: str, baseline: str, compared: dict, holdout) -> str:
     """One row of the recipes table: a student against one baseline."""
     acc, f1 = compared["test"]["accuracy"], compared["test"]["macro_f1"]
-    line = (f"| {recipe} | {baseline} | {_pm(acc['baseline'])} | {_pm(acc['kd'])} | "
+    line = (f"| {recipe} | {baseline} | {_pm(acc['baseline'])} | {_pm(acc['kd_student'])} | "
             f"{_pm(acc['difference'], True)} {_interval(acc['image_interval'])} "
             f"{_interval(acc['seed_interval'])} | {_share(acc['gap_closed'])} | "
-            f"{_pm(f1['baseline'])} | {_pm(f1['kd'])} | {_share(f1['gap_closed'])} |")
+            f"{_pm(f1['baseline'])} | {_pm(f1['kd_student'])} | {_share(f1['gap_closed'])} |")
     if holdout:
         held = compared["holdout"]["accuracy"]
-        line += (f" {_pm(held['baseline'])} | {_pm(held['kd'])} | "
+        line += (f" {_pm(held['baseline'])} | {_pm(held['kd_student'])} | "
                  f"{_pm(held['difference'], True)} {_interval(held['image_interval'])} | "
                  f"{_share(held['gap_closed'])} |")
     return line

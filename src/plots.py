@@ -117,7 +117,7 @@ def plot_sample_predictions(samples: list[dict], path: Path) -> Path:
             axis.set_yticks([])
         axes[0][column].set_title(f"true: {sample['label']}", fontsize=7)
         lines = [(f"base: {sample['baseline']}", sample["baseline"] == sample["label"]),
-                 (f"KD: {sample['kd']}", sample["kd"] == sample["label"])]
+                 (f"KD: {sample['kd_student']}", sample["kd_student"] == sample["label"])]
         for number, (text, right) in enumerate(lines):
             axes[1][column].text(0.5, -0.12 - 0.13 * number, ("✓ " if right else "✗ ") + text,
                                  transform=axes[1][column].transAxes, ha="center", va="top",

@@ -141,7 +141,7 @@ def _samples(predictions: dict, labels: np.ndarray, split, data_dir: Path,
             "hr": decode_image(Path(data_dir) / row["upscale_img_path"]),
             "label": split.classes[labels[position]],
             "baseline": split.classes[predictions["student"][position]],
-            "kd": split.classes[predictions["kd_student"][position]]})
+            "kd_student": split.classes[predictions["kd_student"][position]]})
     return samples
 
 
