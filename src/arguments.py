@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .cli import ToolError, read_json, require_at_least_one
 from .distill import normalised_teacher_weights
+from .methods import add_method_arguments, method_flag_bounds, preset_for_method
 from .models import TESTED_ARCHS, checkpoint_stage
-from .lr_render import DEGRADATIONS
 from .tracking import add_tracker_arguments
+from .transfer import add_transfer_arguments
 from .recipes import DEFAULT_RECIPE, NEEDS_UNLABELLED, RECIPES, recipe_defaults, \
     recipe_text
 
@@ -62,6 +63,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def train_parser(stage: str) -> argparse.ArgumentParser:
+    """The train script's parser: each group of flags built where its concern lives."""
     spec = STAGES[stage]
     parser = argparse.ArgumentParser(
         description=f"Train the {spec['title']} on the shared split; writes "
@@ -74,6 +76,17 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                         help="RUN/config.json written by an earlier run of this stage: its "
                              "settings become the defaults and flags given here win "
                              "(--config runs/teacher/config.json --out-dir runs2 reruns it)")
+    _model_arguments(parser)
+    _training_arguments(parser)
+    _run_folder_arguments(parser)
+    if stage == "kd_student":
+        _teacher_arguments(parser)
+        add_method_arguments(parser)
+        add_transfer_arguments(parser)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet50",
                        help=f"torchvision classifier by name ({', '.join(TESTED_ARCHS)}, "
@@ -98,6 +111,9 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                             "than a raw one); ViT and BEiT are built for it (position "
                             "embeddings resized by their library) and need a multiple of "
                             "their patch size")
+
+
+def _training_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                        help="named preset of training (and, for the KD student, distillation) "
@@ -163,6 +179,9 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the model (faster epochs on GPU after a slow "
                             "first one)")
+
+
+def _run_folder_arguments(parser: argparse.ArgumentParser) -> None:
     runs = parser.add_argument_group("run folder")
     runs.add_argument("--split-per-class", type=int, default=None, metavar="N",
                       help="when this stage makes the split (the first to run in --out-dir): "
@@ -182,101 +201,39 @@ def train_parser(stage: str) -> argparse.ArgumentParser:
                            "same settings")
     runs.add_argument("--overwrite", action="store_true",
                       help="delete this stage's earlier results and start again")
-    if stage == "kd_student":
-        kd = parser.add_argument_group(
-            "distillation", "Loss = alpha*CE + the terms --method names. Logit methods: kd "
-            "(Hinton 2015), dkd (decoupled KD, Zhao 2022). Feature methods, on the last "
-            "feature maps (teacher maps pooled to the student's size; a learned "
-            "1x1 projection where channels differ): at (attention transfer, Zagoruyko 2017), "
-            "cwd (channel-wise, Shu 2021), mgd (masked generative, Yang 2022), amd (angular "
-            "margin, Jeon 2023; global and local maps 8:2), fitnet (FitNets hint, Romero 2015: "
-            "squared error of the maps). Defaults are the papers'.")
-        kd.add_argument("--method", default="kd",
-                        help="kd, dkd, at, cwd, mgd, amd, fitnet, or a logit and feature "
-                             "methods joined by + (kd+at, dkd+cwd+amd)")
-        kd.add_argument("--teacher-ckpt", type=Path, nargs="+", default=None,
-                        help="teacher checkpoint(s) (default: <out-dir>/teacher/best.pt); each "
-                             "is frozen and sees the HR twin of the student's view; with "
-                             "several, soft targets are their averaged probabilities")
-        kd.add_argument("--teacher-weights", type=float, nargs="+", default=None,
-                        help="one weight per teacher for the average (default: equal)")
-        kd.add_argument("--feature-layers", default="last",
-                        help="feature methods: comma-separated layers whose maps are compared, "
-                             "summed over layers: last (the last map before pooling: the input "
-                             "of avgpool in CNNs and Swin, ViT patch tokens on their grid) or "
-                             "module names present in student and teacher (layer1,layer2,"
-                             "layer3,layer4 for ResNets; blocks.N for timm ViTs); teacher maps "
-                             "are pooled to the student's size")
-        kd.add_argument("--temperature", type=float, default=4.0,
-                        help="softmax temperature T of the soft targets (kd, dkd)")
-        kd.add_argument("--alpha", type=float, default=None,
-                        help="weight of the hard-label cross-entropy (default: 0.7 with kd, "
-                             "1.0 otherwise, as in the DKD and feature-method papers; a "
-                             "preset's --alpha and --beta apply only with kd)")
-        kd.add_argument("--beta", type=float, default=0.3,
-                        help="kd: weight of T^2 * KL(teacher_T || student_T)")
-        kd.add_argument("--dkd-alpha", type=float, default=1.0,
-                        help="dkd: weight of target-class KD (TCKD)")
-        kd.add_argument("--dkd-beta", type=float, default=8.0,
-                        help="dkd: weight of non-target-class KD (NCKD)")
-        kd.add_argument("--dkd-warmup", type=int, default=20,
-                        help="dkd: epochs over which its term ramps up linearly (0: none)")
-        kd.add_argument("--at-weight", type=float, default=1000.0,
-                        help="at: weight of the attention-map loss")
-        kd.add_argument("--cwd-weight", type=float, default=3.0,
-                        help="cwd: weight of the channel-wise loss")
-        kd.add_argument("--cwd-tau", type=float, default=4.0,
-                        help="cwd: temperature of the per-channel spatial softmax")
-        kd.add_argument("--mgd-weight", type=float, default=7e-5,
-                        help="mgd: weight of the generation loss (summed squared error)")
-        kd.add_argument("--mgd-mask", type=float, default=0.5,
-                        help="mgd: share of student feature locations masked")
-        kd.add_argument("--amd-weight", type=float, default=1.0,
-                        help="amd: weight of the angular-margin loss (the paper's code gives "
-                             "no weight for it; 1 is ours)")
-        kd.add_argument("--fitnet-weight", type=float, default=100.0,
-                        help="fitnet: weight of the mean squared error of the maps "
-                             "(mdistiller's)")
-        kd.add_argument("--lr-from-hr", action="store_true",
-                        help="render each training view's LR image from its HR twin, shifted "
-                             "by a random 0 to scale-1 HR pixels and box-filtered: LR images "
-                             "at sampling phases the LR set lacks, each labelled by the "
-                             "teacher from the same shifted HR view (needs LR images that are "
-                             "their HR twins box-filtered, as make_demo_data.py writes; "
-                             "checked before training)")
-        kd.add_argument("--unlabelled", type=Path, default=None, metavar="PATH",
-                        help="a transfer set: images without labels that the teacher labels "
-                             "for the student (distillation terms only, no cross-entropy): a "
-                             "folder of HR (or, with --pseudo-teacher, LR) images, told apart "
-                             "by size, or a CSV with upscale_img_path and/or img_path, relative "
-                             "to its folder (DACON's test.csv works with --pseudo-teacher). "
-                             "HR images without an LR twin get one by --degradation; images "
-                             "equal to a labelled image of the split are dropped")
-        kd.add_argument("--unlabelled-ratio", type=float, default=1.0, metavar="R",
-                        help="unlabelled images per labelled image in each batch. One epoch "
-                             "stays one pass over the labelled training images; each batch "
-                             "of B labelled images takes R*B unlabelled ones, in turn from a "
-                             "shuffled pass over the unlabelled set that goes on across epochs "
-                             "(so an epoch costs about 1+R times a labelled-only one)")
-        kd.add_argument("--degradation", choices=("auto", *DEGRADATIONS), default="auto",
-                        help="how an unlabelled HR image without an LR twin gets one: box "
-                             "(block mean), or PIL's nearest, bilinear, bicubic or lanczos "
-                             "resize; auto: the one that best reproduces the labelled pairs' "
-                             "LR images (check_data.py lists each one's error)")
-        kd.add_argument("--pseudo-teacher", type=Path, nargs="+", default=None, metavar="CKPT",
-                        help="LR models (a student of an earlier round; several are averaged) "
-                             "as teachers instead of the HR teacher: they label the very LR "
-                             "view the student sees, so --unlabelled may hold LR images "
-                             "without HR twins (a Noisy Student round: the new student gets "
-                             "the augmentation and mixing of this recipe)")
-        kd.add_argument("--teacher-cache", action="store_true",
-                        help="kd/dkd with one teacher: compute its logits once on whole, "
-                             "un-augmented HR images and reuse them every epoch: no teacher "
-                             "forward per step and no HR images in memory, but the soft "
-                             "targets then ignore the student's crop and flip (exact with "
-                             "--no-hflip --crop-scale 1); default: online teacher on paired "
-                             "views")
-    return parser
+
+
+def _teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "distillation", "The frozen teachers and what they are shown; the loss terms are in "
+                        "'distillation methods'.")
+    group.add_argument("--teacher-ckpt", type=Path, nargs="+", default=None,
+                       help="teacher checkpoint(s) (default: <out-dir>/teacher/best.pt); each "
+                            "is frozen and sees the HR twin of the student's view; with "
+                            "several, soft targets are their averaged probabilities")
+    group.add_argument("--teacher-weights", type=float, nargs="+", default=None,
+                       help="one weight per teacher for the average (default: equal)")
+    group.add_argument("--feature-layers", default="last",
+                       help="feature methods: comma-separated layers whose maps are compared, "
+                            "summed over layers: last (the last map before pooling: the input "
+                            "of avgpool in CNNs and Swin, ViT patch tokens on their grid) or "
+                            "module names present in student and teacher (layer1,layer2,"
+                            "layer3,layer4 for ResNets; blocks.N for timm ViTs); teacher maps "
+                            "are pooled to the student's size")
+    group.add_argument("--teacher-cache", action="store_true",
+                       help="logit methods with one teacher: compute its logits once on "
+                            "whole, un-augmented HR images and reuse them every epoch: no "
+                            "teacher forward per step and no HR images in memory, but the "
+                            "soft targets then ignore the student's crop and flip (exact with "
+                            "--no-hflip --crop-scale 1); default: online teacher on paired "
+                            "views")
+    group.add_argument("--lr-from-hr", action="store_true",
+                       help="render each training view's LR image from its HR twin, shifted "
+                            "by a random 0 to scale-1 HR pixels and box-filtered: LR images "
+                            "at sampling phases the LR set lacks, each labelled by the "
+                            "teacher from the same shifted HR view (needs LR images that are "
+                            "their HR twins box-filtered, as make_demo_data.py writes; "
+                            "checked before training)")
 
 
 def test_parser(stage: str) -> argparse.ArgumentParser:
@@ -306,19 +263,14 @@ def figures_dir(args) -> Path:
     return args.assets_dir or Path(args.out_dir) / "figures"
 
 
-# Bounds of every numeric training flag: (low, high, low inclusive, high inclusive).
+# Bounds of every numeric training flag but the methods' (their modules give theirs):
+# (low, high, low inclusive, high inclusive).
 FLAG_BOUNDS = {
     "lr": (0, None, False, True), "weight_decay": (0, None, True, True),
     "lr_factor": (0, 1, False, False), "lr_patience": (0, None, True, True),
     "min_lr": (0, None, True, True), "crop_scale": (0, 1, False, True),
     "warmup_epochs": (0, None, True, True), "mixup": (0, None, True, True),
-    "cutmix": (0, None, True, True), "temperature": (0, None, False, True),
-    "alpha": (0, None, True, True), "beta": (0, None, True, True),
-    "dkd_alpha": (0, None, True, True), "dkd_beta": (0, None, True, True),
-    "dkd_warmup": (0, None, True, True), "at_weight": (0, None, True, True),
-    "cwd_weight": (0, None, True, True), "cwd_tau": (0, None, False, True),
-    "mgd_weight": (0, None, True, True), "mgd_mask": (0, 1, True, False),
-    "amd_weight": (0, None, True, True), "fitnet_weight": (0, None, True, True),
+    "cutmix": (0, None, True, True), "alpha": (0, None, True, True),
     "layer_decay": (0, 1, False, True), "unlabelled_ratio": (0, None, False, True),
     "seed": (0, None, True, True),
 }
@@ -337,7 +289,7 @@ def check_arguments(args) -> None:
                           "--input-size": getattr(args, "input_size", 1),
                           "--patience": getattr(args, "patience", 1),
                           "--split-per-class": getattr(args, "split_per_class", None)})
-    for name, (low, high, low_in, high_in) in FLAG_BOUNDS.items():
+    for name, (low, high, low_in, high_in) in {**FLAG_BOUNDS, **method_flag_bounds()}.items():
         value = getattr(args, name, None)
         if value is None:
             continue
@@ -473,10 +425,11 @@ def config_defaults(parser: argparse.ArgumentParser, stage: str, argv) -> dict:
 
 
 def distillation_flags() -> set[str]:
-    """The KD student's own flags (the 'distillation' group): the other stages lack them."""
-    parser = train_parser("kd_student")
-    group = next(group for group in parser._action_groups if group.title == "distillation")
-    return {option for action in group._group_actions for option in action.option_strings}
+    """The KD student's own flags: those the baseline student's parser lacks."""
+    def options(stage):
+        return {option for action in train_parser(stage)._actions
+                for option in action.option_strings}
+    return options("kd_student") - options("student")
 
 
 def stage_flags(stage: str, flags: list[str]) -> list[str]:
@@ -511,14 +464,12 @@ def check_stage_flags(stage: str, flags: list[str], what: str) -> None:
 
 
 def _preset_for(parser: argparse.ArgumentParser, stage: str, argv) -> dict:
-    """The ``--recipe`` preset's settings that apply to this stage and these flags. A
-    preset's ``alpha`` and ``beta`` weigh the kd term against the cross-entropy: with no kd
-    term (``--method dkd``, ``at``, ...) they are left out, so alpha keeps its per-method
-    default (1.0) instead of cutting the cross-entropy with nothing to take the rest."""
+    """The ``--recipe`` preset's settings that apply to this stage and these flags (for the
+    KD student: to its ``--method``, see ``methods.preset_for_method``)."""
     first = parser.parse_args(argv)
     preset = recipe_defaults(first.recipe, {action.dest for action in parser._actions}, stage)
-    if stage == "kd_student" and "kd" not in first.method.lower().split("+"):
-        preset = {key: value for key, value in preset.items() if key not in ("alpha", "beta")}
+    if stage == "kd_student":
+        preset = preset_for_method(preset, first.method)
     return preset
 
 

@@ -35,7 +35,8 @@ from .cli import ToolError, keep_freed_memory, progress_bar
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, batch_indices, epoch_generator, \
     iterate_batches, load_or_create_split, make_views, sample_view_params, \
     view_grid
-from .distill import Distiller, HardLabels, LossWeights
+from .distill import Distiller, HardLabels
+from .methods import DEFAULT_METHOD
 from .models import FrozenTeacher, build_model
 from .seeds import run_script
 from .trainer import Runtime, train_step
@@ -160,7 +161,7 @@ def benchmark_stage(stage: str, images: ImageSet, data_dir: Path, settings: Benc
     model = build_model(settings.arch, classes, input_size=settings.input_size)
     if stage == "kd_student":
         teacher = build_model(settings.arch, classes, input_size=settings.input_size)
-        objective = Distiller(model, [FrozenTeacher(teacher)], "kd", LossWeights())
+        objective = Distiller(model, [FrozenTeacher(teacher)], DEFAULT_METHOD)
     else:
         objective = HardLabels(model, resolutions[0])
     objective.to(device).train()

@@ -2,18 +2,17 @@
 and the batch itself (``labels``, ``index``), returns the logits and a dict of named,
 already-weighted loss terms; the trainer logs every term and optimises their sum.
 
-``--method`` names the terms beside the hard-label cross-entropy: at most one logit method
-(``kd``, ``dkd``) and any feature methods (``at``, ``cwd``, ``mgd``, ``amd``, ``fitnet``),
-joined by ``+`` (``kd+at``). Feature methods compare the maps of the layers ``--feature-layers``
-names (default: the last convolutional map), summed over layers. With paired mixup or
-cutmix (``batch["mix"]``) the cross-entropy weighs both labels of each mixed image and
-the teacher sees the mixed HR view itself. The losses themselves live in ``losses.py``.
+The Distiller adds to the hard-label cross-entropy the terms of the methods ``--method``
+names (``src/methods/``, one module each). Feature methods compare the maps of the layers
+``--feature-layers`` names (default: the last convolutional map), summed over layers. With
+paired mixup or cutmix (``batch["mix"]``) the cross-entropy weighs both labels of each
+mixed image and the teacher sees the mixed HR view itself.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -21,47 +20,9 @@ from torch import nn
 
 from .backbones import feature_point
 from .cli import ToolError
-from .losses import MGDGenerator, amd_loss, at_loss, cwd_loss, dkd_loss_from_probs, \
-    fitnet_loss, kd_loss_from_probs, soft_targets
+from .methods import build_methods, hard_label_weight
+from .methods.base import soft_targets
 from .models import FrozenTeacher
-
-LOGIT_METHODS = ("kd", "dkd")
-FEATURE_METHODS = ("at", "cwd", "mgd", "amd", "fitnet")
-# Feature methods that compare channels one to one need a student-to-teacher projection.
-NEEDS_PROJECTION = ("cwd", "mgd", "fitnet")
-# Feature methods that normalise over locations: constant, so silent, on a 1x1 map.
-SPATIAL_METHODS = ("at", "cwd", "amd")
-
-
-def parse_method(method: str) -> list[str]:
-    parts = [part.strip() for part in method.lower().split("+") if part.strip()]
-    unknown = [part for part in parts if part not in LOGIT_METHODS + FEATURE_METHODS]
-    if not parts or unknown:
-        raise ToolError(f"--method {method!r}: unknown part(s) {', '.join(unknown) or '(empty)'};"
-                        f" use {', '.join(LOGIT_METHODS + FEATURE_METHODS)} joined by +")
-    if len(set(parts)) != len(parts) or sum(part in LOGIT_METHODS for part in parts) > 1:
-        raise ToolError(f"--method {method!r}: each part once, and at most one of kd, dkd")
-    return parts
-
-
-@dataclass
-class LossWeights:
-    """Weights and settings of every term; defaults are the papers' (see ``losses.py``)."""
-    alpha: float = 0.7            # hard-label cross-entropy
-    beta: float = 0.3             # kd
-    temperature: float = 4.0      # kd and dkd
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    dkd_warmup: int = 20          # epochs over which the dkd term ramps up linearly
-    at: float = 1000.0
-    cwd: float = 3.0
-    cwd_tau: float = 4.0
-    mgd: float = 7e-5
-    mgd_mask: float = 0.5
-    amd: float = 1.0
-    fitnet: float = 100.0
-    teacher_weights: list = field(default_factory=lambda: [1.0])
-    feature_layers: tuple = ("last",)
 
 
 def hard_label_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -95,7 +56,7 @@ class HardLabels(nn.Module):
         return self.student(views[self.input_resolution])
 
     def start_epoch(self, epoch: int) -> None:
-        """Called by the trainer before each epoch (schedules such as DKD's warm-up)."""
+        """Called by the trainer before each epoch (schedules such as a term's warm-up)."""
 
     def extra_state(self) -> dict:
         """Trained modules beside the student (alignment layers), saved with it."""
@@ -146,50 +107,61 @@ def match_spatial(teacher_features: torch.Tensor, size) -> torch.Tensor:
 class Distiller(HardLabels):
     """The LR student taught by one or more frozen HR teachers.
 
-    ``alpha * CE`` + the logit term (``kd``: ``beta * T^2 * KL``; ``dkd``) on the teachers'
-    averaged soft targets + each feature term, averaged over teachers with their weights.
-    The student sees the LR view, every teacher the HR view of the same sample, crop and
-    flip (``teacher_resolution`` "lr": LR pseudo-teachers, which see the student's own
-    view). With ``cached_teacher_logits`` (N, classes) the soft targets come from logits
-    computed once on whole un-augmented images instead (logit methods only). Rows labelled
-    -1 (a transfer set) get every distillation term and no cross-entropy.
+    ``alpha * CE`` + the logit method's term on the teachers' averaged soft targets + each
+    feature method's term, averaged over teachers with their weights. The student sees
+    the LR view, every teacher the HR view of the same sample, crop and flip
+    (``teacher_resolution`` "lr": LR pseudo-teachers, which see the student's own view).
+    With ``cached_teacher_logits`` (N, classes) the soft targets come from logits computed
+    once on whole un-augmented images instead (logit methods only). Rows labelled -1 (a
+    transfer set) get every distillation term and no cross-entropy.
+
+    ``settings`` maps flag names to values, as a run's ``config.json`` records them
+    (``alpha``, ``teacher_weights``, ``feature_layers`` and each method's flags); what it
+    lacks takes the flag's default.
     """
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], method: str,
-                 weights: LossWeights, teacher_input_sizes: list[int] | None = None,
+                 settings: Mapping | None = None, teacher_input_sizes: list[int] | None = None,
                  cached_teacher_logits: torch.Tensor | None = None, probe_size: int = 64,
                  teacher_resolution: str = "hr"):
         super().__init__(student, "lr")
+        settings = dict(settings or {})
         self.teacher_resolution = teacher_resolution
-        self.parts = parse_method(method)
-        self.weights = weights
-        self.feature_parts = [part for part in self.parts if part in FEATURE_METHODS]
+        self.methods = build_methods(method, settings)
+        self.logit_methods = [part for part in self.methods if part.reads == "logits"]
+        self.feature_methods = [part for part in self.methods if part.reads == "features"]
+        self.alpha = settings["alpha"] if settings.get("alpha") is not None \
+            else hard_label_weight(method)
+        self.feature_layers = feature_layers(settings.get("feature_layers"))
         self.teachers = nn.ModuleList(
             teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
             for teacher in teachers)
         self.teacher_input_sizes = teacher_input_sizes or [None] * len(self.teachers)
-        self.teacher_weights = normalised_teacher_weights(weights.teacher_weights,
+        self.teacher_weights = normalised_teacher_weights(settings.get("teacher_weights"),
                                                           len(self.teachers) or 1)
-        self.epoch_factor = 1.0
         if cached_teacher_logits is not None:
-            if self.feature_parts:
-                raise ToolError("--teacher-cache keeps logits only; feature methods "
-                                f"({', '.join(self.feature_parts)}) need the online teacher")
+            if self.feature_methods:
+                raise ToolError("--teacher-cache keeps logits only; feature methods ("
+                                + ", ".join(part.name for part in self.feature_methods)
+                                + ") need the online teacher")
             # Not persistent: rebuilt from the teacher checkpoint, not resumed.
             self.register_buffer("cached_teacher_logits", cached_teacher_logits,
                                  persistent=False)
         else:
             self.cached_teacher_logits = None
         self.projections = nn.ModuleList()
-        self.generators = nn.ModuleList()
-        if self.feature_parts:
+        for part in self.feature_methods:
+            if part.pair_modules:
+                self.add_module(part.pair_modules, nn.ModuleList())
+        if self.feature_methods:
             self._build_alignment(probe_size)
 
     def _build_alignment(self, probe_size: int) -> None:
         """Feature taps on every layer named, and per (teacher, layer) pair a 1x1
-        projection where channels differ (cwd, mgd) and an MGD generator: flat lists,
-        teacher-major, so one layer keeps the keys of older checkpoints."""
-        layers = self.weights.feature_layers
+        projection where a method compares channels and they differ, and each method's own
+        module: flat lists, teacher-major, so one layer keeps the keys of older
+        checkpoints (``projections.N``, ``generators.N``)."""
+        layers = self.feature_layers
         self.student_tap = FeatureTap(self.student, "student", layers)
         self.teacher_taps = [FeatureTap(t.model, f"teacher {i + 1}", layers)
                              for i, t in enumerate(self.teachers)]
@@ -201,31 +173,30 @@ class Distiller(HardLabels):
             self.student(probe)
         self.student.train(was_training)
         student_maps = self.student_tap.take()
-        spatial = [part for part in self.feature_parts if part in SPATIAL_METHODS]
+        spatial = [part.name for part in self.feature_methods if part.spatial]
         for layer, student_map in zip(layers, student_maps):
             if spatial and student_map.shape[-2:] == (1, 1):
                 print(f"warning: the student's {layer} feature map is 1x1 at {probe_size}px "
                       f"input; {', '.join(spatial)} compare maps over locations "
                       f"and carry nothing there")
+        projecting = any(part.needs_projection for part in self.feature_methods)
         for teacher, tap, size in zip(self.teachers, self.teacher_taps,
                                       self.teacher_input_sizes):
             # At the teacher's own size: a ViT refuses any other.
             teacher(torch.zeros(1, 3, size or probe_size, size or probe_size))
             for student_map, teacher_map in zip(student_maps, tap.take()):
                 student_channels, teacher_channels = student_map.shape[1], teacher_map.shape[1]
-                if any(part in NEEDS_PROJECTION for part in self.feature_parts) \
-                        and teacher_channels != student_channels:
-                    self.projections.append(nn.Conv2d(student_channels, teacher_channels, 1,
-                                                      bias=False))
-                else:
-                    self.projections.append(nn.Identity())
-                if "mgd" in self.feature_parts:
-                    self.generators.append(MGDGenerator(teacher_channels,
-                                                        self.weights.mgd_mask))
+                self.projections.append(
+                    nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
+                    if projecting and teacher_channels != student_channels else nn.Identity())
+                for part in self.feature_methods:
+                    if part.pair_modules:
+                        getattr(self, part.pair_modules).append(
+                            part.pair_module(teacher_channels))
 
     def start_epoch(self, epoch: int) -> None:
-        self.epoch_factor = min(epoch / self.weights.dkd_warmup, 1.0) \
-            if self.weights.dkd_warmup > 0 else 1.0
+        for part in self.methods:
+            part.start_epoch(epoch)
 
     def _teacher_outputs(self, views: dict, batch: dict):
         if self.cached_teacher_logits is not None:
@@ -239,56 +210,51 @@ class Distiller(HardLabels):
                 view = F.interpolate(view, size=(size, size), mode="bilinear",
                                      align_corners=False, antialias=True)
             logits.append(teacher(view))
-            if self.feature_parts:
+            if self.feature_methods:
                 features.append(self.teacher_taps[number].take())
         return logits, features
 
     def forward(self, views: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        w = self.weights
         labels = batch["labels"]
         if batch.get("mix") is not None and batch["mix"].lam < 0.5:
-            labels = batch["partner_labels"]    # dkd's target class: the larger share
+            labels = batch["partner_labels"]    # a target class: the larger share
         student_logits = self.student(views["lr"])
         teacher_logits, teacher_features = self._teacher_outputs(views, batch)
         teacher_weights = self.teacher_weights if self.cached_teacher_logits is None else [1.0]
-        terms = {"ce": w.alpha * hard_label_loss(student_logits, batch)}
-        if "kd" in self.parts or "dkd" in self.parts:
-            probs = soft_targets(teacher_logits, teacher_weights, w.temperature)
-            if "kd" in self.parts:
-                terms["kd"] = w.beta * kd_loss_from_probs(student_logits, probs, w.temperature)
-            else:
-                # An unlabelled row's target class is the teachers' top class.
-                labels = torch.where(labels >= 0, labels, probs.argmax(1))
-                terms["dkd"] = self.epoch_factor * dkd_loss_from_probs(
-                    student_logits, probs, labels, w.temperature, w.dkd_alpha, w.dkd_beta)
-        if self.feature_parts:
+        terms = {"ce": self.alpha * hard_label_loss(student_logits, batch)}
+        for part in self.logit_methods:
+            teacher_probs = lambda temperature: soft_targets(  # noqa: E731
+                teacher_logits, teacher_weights, temperature)
+            terms[part.name] = part.weight * part.loss(student_logits, teacher_probs, labels)
+        if self.feature_methods:
             student_maps = self.student_tap.take()
             layers = len(student_maps)
-            for part in self.feature_parts:
-                # Summed over layers (as attention transfer's paper does), averaged over
+            for part in self.feature_methods:
+                # Summed over layers (as the feature-method papers do), averaged over
                 # teachers with their weights.
-                terms[part] = getattr(w, part) * sum(
-                    weight * self._feature_loss(part, number * layers + layer, student_map,
-                                                teacher_map)
+                terms[part.name] = part.weight * sum(
+                    weight * self._pair_loss(part, number * layers + layer, student_map,
+                                             teacher_map)
                     for number, (weight, teacher_maps) in
                     enumerate(zip(teacher_weights, teacher_features))
                     for layer, (student_map, teacher_map) in
                     enumerate(zip(student_maps, teacher_maps)))
         return student_logits, terms
 
-    def _feature_loss(self, part: str, pair: int, student_features, teacher_features):
-        """``pair`` numbers the (teacher, layer) pair: its projection and generator."""
+    def _pair_loss(self, part, pair: int, student_features, teacher_features):
+        """``pair`` numbers the (teacher, layer) pair: its projection and module."""
         teacher_features = match_spatial(teacher_features.float(), student_features.shape[-2:])
-        if part == "at":
-            return at_loss(student_features, teacher_features)
-        if part == "amd":
-            return amd_loss(student_features, teacher_features)
-        aligned = self.projections[pair](student_features)
-        if part == "cwd":
-            return cwd_loss(aligned, teacher_features, self.weights.cwd_tau)
-        if part == "fitnet":
-            return fitnet_loss(aligned, teacher_features)
-        return self.generators[pair](aligned, teacher_features)
+        if part.needs_projection:
+            student_features = self.projections[pair](student_features)
+        module = getattr(self, part.pair_modules)[pair] if part.pair_modules else None
+        return part.loss(student_features, teacher_features, module)
+
+
+def feature_layers(value) -> tuple[str, ...]:
+    """``--feature-layers`` ("layer2,layer4", or a sequence) as layer names; "last" if none."""
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(layer.strip() for layer in value or () if layer.strip()) or ("last",)
 
 
 def normalised_teacher_weights(weights, count: int) -> list[float]:

@@ -29,7 +29,8 @@ from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_rec
 from .backbones import is_transformer, library_of, library_version
 from .data import ImageSet, load_or_create_split, pair_scale
 from .lr_render import LR_RENDER_TOLERANCE, lr_render_error
-from .distill import Distiller, HardLabels, LossWeights, parse_method
+from .distill import Distiller, HardLabels
+from .methods import hard_label_weight, method_settings
 from .models import build_model, load_checkpoint, load_teacher
 from .comparison import compare_stages
 from .runlock import stage_lock
@@ -186,7 +187,7 @@ def resolve_train_arguments(stage: str, argv) -> argparse.Namespace:
         else:
             args.teacher_ckpt = args.teacher_ckpt or [Path(args.out_dir) / "teacher" / "best.pt"]
         if args.alpha is None:
-            args.alpha = 0.7 if "kd" in parse_method(args.method) else 1.0
+            args.alpha = hard_label_weight(args.method)
         if args.teacher_cache and (args.mixup > 0 or args.cutmix > 0):
             raise ToolError("--teacher-cache keeps the teacher's logits of whole unmixed "
                             "images; with --mixup or --cutmix the teacher must see each "
@@ -282,16 +283,8 @@ def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
     lr_from_hr = _lr_render_scale(images) if getattr(args, "lr_from_hr", False) else 0
 
     if stage == "kd_student":
-        weights = LossWeights(
-            alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-            dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta, dkd_warmup=args.dkd_warmup,
-            at=args.at_weight, cwd=args.cwd_weight, cwd_tau=args.cwd_tau, mgd=args.mgd_weight,
-            mgd_mask=args.mgd_mask, amd=args.amd_weight, fitnet=args.fitnet_weight,
-            teacher_weights=args.teacher_weights or [1.0] * len(teachers),
-            feature_layers=tuple(layer.strip() for layer in args.feature_layers.split(",")
-                                 if layer.strip()) or ("last",))
         objective = Distiller(model, [] if teacher_logits is not None else teachers,
-                              args.method, weights,
+                              args.method, vars(args),
                               [int(meta["input_size"]) for meta in teacher_metas],
                               cached_teacher_logits=teacher_logits,
                               probe_size=args.input_size, teacher_resolution=teacher_resolution)
@@ -315,6 +308,7 @@ def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
                     "archs": [meta["arch"] for meta in teacher_metas],
                     "input_sizes": [meta["input_size"] for meta in teacher_metas],
                     "method": args.method,
+                    "method_settings": method_settings(args.method, vars(args)),
                     "mode": "cached logits" if teacher_logits is not None
                     else "online, paired views"} if teacher_metas else None,
         "unlabelled": unlabelled,

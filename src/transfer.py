@@ -16,6 +16,7 @@ shuffled pass over the unlabelled set that continues across epochs (``unlabelled
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,45 @@ import torch
 from .cli import ToolError
 from .data import ImageSet, RESOLUTION_COLUMN, Split, decode_image, load_images, \
     normalize_path, read_table
-from .lr_render import degradation_errors, degradation_warning, degrade, describe_errors
+from .lr_render import DEGRADATIONS, degradation_errors, degradation_warning, degrade, \
+    describe_errors
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 UNLABELLED = "unlabelled"
 # Labelled pairs on which --degradation auto is chosen (a few seconds of PIL resizes).
 DEGRADATION_SAMPLE = 256
+
+
+def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The KD student's transfer-set flags."""
+    group = parser.add_argument_group(
+        "transfer set", "Images without labels that the teacher labels for the student.")
+    group.add_argument("--unlabelled", type=Path, default=None, metavar="PATH",
+                       help="a transfer set: images without labels that the teacher labels "
+                            "for the student (distillation terms only, no cross-entropy): a "
+                            "folder of HR (or, with --pseudo-teacher, LR) images, told apart "
+                            "by size, or a CSV with upscale_img_path and/or img_path, "
+                            "relative to its folder (DACON's test.csv works with "
+                            "--pseudo-teacher). HR images without an LR twin get one by "
+                            "--degradation; images equal to a labelled image of the split "
+                            "are dropped")
+    group.add_argument("--unlabelled-ratio", type=float, default=1.0, metavar="R",
+                       help="unlabelled images per labelled image in each batch. One epoch "
+                            "stays one pass over the labelled training images; each batch "
+                            "of B labelled images takes R*B unlabelled ones, in turn from a "
+                            "shuffled pass over the unlabelled set that goes on across epochs "
+                            "(so an epoch costs about 1+R times a labelled-only one)")
+    group.add_argument("--degradation", choices=("auto", *DEGRADATIONS), default="auto",
+                       help="how an unlabelled HR image without an LR twin gets one: box "
+                            "(block mean), or PIL's nearest, bilinear, bicubic or lanczos "
+                            "resize; auto: the one that best reproduces the labelled pairs' "
+                            "LR images (check_data.py lists each one's error)")
+    group.add_argument("--pseudo-teacher", type=Path, nargs="+", default=None, metavar="CKPT",
+                       help="LR models (a student of an earlier round; several are averaged) "
+                            "as teachers instead of the HR teacher: they label the very LR "
+                            "view the student sees, so --unlabelled may hold LR images "
+                            "without HR twins (a Noisy Student round: the new student gets "
+                            "the augmentation and mixing of this recipe)")
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 from conftest import TINY_TRAIN_ARGS, run_script
 from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, gather_batch, load_images, \
     load_or_create_split, make_view, sample_view_params
-from src.distill import Distiller, LossWeights
+from src.distill import Distiller
 from src.models import build_model, load_checkpoint
 from src.predict import predict_probabilities
 from src.trainer import Runtime
@@ -105,8 +105,8 @@ def test_cached_teacher_logits_equal_the_online_teacher_without_augmentation():
         all_teacher_logits = torch.cat([torch.randn(3, 4), teacher(hr_views)])
     views = {"lr": torch.randn(6, 3, 32, 32), "hr": hr_views}
     batch = {"labels": torch.tensor([0, 1, 2, 3, 0, 1]), "index": torch.arange(3, 9)}
-    online = Distiller(student, [teacher], "kd", LossWeights()).eval()
-    cached = Distiller(student, [], "kd", LossWeights(),
+    online = Distiller(student, [teacher], "kd").eval()
+    cached = Distiller(student, [], "kd", None,
                        cached_teacher_logits=all_teacher_logits).eval()
     _, online_terms = online(views, batch)
     _, cached_terms = cached(views, batch)

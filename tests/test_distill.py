@@ -6,8 +6,8 @@ import torch
 import pytest
 
 from src.data import ImageSet, batch_indices, epoch_generator, load_or_create_split
-from src.distill import Distiller, LossWeights
-from src.losses import kd_loss
+from src.distill import Distiller
+from src.methods.kd import kd_loss
 from src.models import FrozenTeacher, build_model
 from src.trainer import FitConfig, Runtime, train_one_epoch
 
@@ -65,7 +65,7 @@ def test_teacher_weights_do_not_change_during_kd_training(tiny_data, tmp_path):
     teacher = build_model("resnet18", len(split.classes))
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    objective = Distiller(student, [teacher], "kd", LossWeights(alpha=0.7, beta=0.3))
+    objective = Distiller(student, [teacher], "kd", {"alpha": 0.7, "beta": 0.3})
     trainable = [p for p in objective.parameters() if p.requires_grad]
     assert len(trainable) == len(list(student.parameters()))
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
 from src.cli import ToolError
 from src.mixing import MixParams, mix_views, sample_mix_params
-from src.distill import Distiller, FeatureTap, HardLabels, LossWeights, hard_label_loss, \
-    match_spatial
-from src.losses import at_loss
+from src.distill import Distiller, FeatureTap, HardLabels, hard_label_loss, match_spatial
+from src.methods.at import at_loss
 from src.models import build_model
 from src.recipes import RECIPES
 from src.arguments import check_arguments, parse_train_arguments, train_parser
@@ -179,8 +178,8 @@ def test_multi_layer_attention_transfer_sums_layers_with_larger_hr_maps_aligned(
     torch.manual_seed(0)
     student, teacher = build_model("resnet18", 4), build_model("resnet18", 4).eval()
     layers = ("layer1", "layer2", "layer3")
-    objective = Distiller(student, [teacher], "at", LossWeights(alpha=1.0, at=1.0,
-                                                                feature_layers=layers),
+    objective = Distiller(student, [teacher], "at", {"alpha": 1.0, "at_weight": 1.0,
+                                                  "feature_layers": layers},
                           probe_size=32).train()
     # The HR teacher sees 64 px, the student 32 px: teacher maps are twice the size.
     views = {"lr": torch.randn(2, 3, 32, 32), "hr": torch.randn(2, 3, 64, 64)}
@@ -205,8 +204,8 @@ def test_cwd_projections_per_layer_and_teacher():
     student = build_model("resnet18", 4)
     teachers = [build_model("resnet50", 4), build_model("resnet34", 4)]
     objective = Distiller(student, teachers, "cwd",
-                          LossWeights(feature_layers=("layer2", "layer4"),
-                                      teacher_weights=[1, 1]), probe_size=32)
+                          {"feature_layers": ("layer2", "layer4"),
+                           "teacher_weights": [1, 1]}, probe_size=32)
     # resnet50's maps are 4x wider than resnet18's: projections there; resnet34's match.
     assert [type(p).__name__ for p in objective.projections] == \
         ["Conv2d", "Conv2d", "Identity", "Identity"]

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
 from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_or_create_split
 from src.demo import write_demo_dataset
-from src.distill import Distiller, HardLabels, LossWeights
+from src.distill import Distiller, HardLabels
 from src.lr_render import DEGRADATIONS, box_downsample, degradation_errors, degrade
 from src.transfer import StackedRows, add_unlabelled, choose_degradation, read_unlabelled, \
     unlabelled_batches
@@ -284,7 +284,7 @@ def test_a_pseudo_teacher_labels_the_students_own_lr_view():
     views = {"lr": torch.randn(2, 3, 8, 8), "hr": torch.randn(2, 3, 32, 32)}
     batch = {"labels": torch.tensor([1, -1]), "index": torch.tensor([0, 1])}
     for resolution in ("lr", "hr"):
-        distiller = Distiller(student, [Probe()], "kd", LossWeights(),
+        distiller = Distiller(student, [Probe()], "kd", None,
                               teacher_resolution=resolution)
         _, terms = distiller(views, batch)
         assert seen["teacher"] is views[resolution]
@@ -299,7 +299,7 @@ def test_logit_and_feature_terms_of_two_teachers_teach_on_unlabelled_rows():
     torch.manual_seed(0)
     student = build_model("resnet18", 4, "none", 32)
     teachers = [build_model("resnet18", 4, "none", 32).eval() for _ in range(2)]
-    weights = LossWeights(dkd_warmup=0, feature_layers=("layer2",), teacher_weights=[1, 3])
+    weights = {"dkd_warmup": 0, "feature_layers": ("layer2",), "teacher_weights": [1, 3]}
     distiller = Distiller(student, teachers, "dkd+at", weights, [32, 32], probe_size=32)
     views = {"lr": torch.randn(4, 3, 32, 32), "hr": torch.randn(4, 3, 32, 32)}
     batch = {"labels": torch.full((4,), -1), "index": torch.arange(4)}
