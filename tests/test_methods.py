@@ -11,7 +11,7 @@ from conftest import TINY_TRAIN_ARGS, assert_each_term_trains_the_student, \
     assert_one_line_error, run_script
 from src.cli import ToolError
 from src.distill import Distiller
-from src.methods import parse_method
+from src.methods import METHODS, parse_method
 from src.methods.amd import _angular_terms, amd_loss
 from src.methods.at import at_loss
 from src.methods.cwd import cwd_loss
@@ -213,8 +213,7 @@ def _pair(student_arch="resnet18", teacher_arch="mobilenet_v3_large"):
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("method", ["kd", "dkd", "at", "cwd", "mgd", "amd", "fitnet",
-                                    "dkd+cwd+mgd+amd+fitnet"])
+@pytest.mark.parametrize("method", [*sorted(METHODS), "dkd+cwd+mgd+amd+fitnet"])
 def test_mismatched_sizes_and_channels_give_finite_losses_and_right_gradients(method):
     # ResNet18 student (512 channels, 3x3 map at 96 px); MobileNetV3 teacher (960 channels,
     # 4x4 map at 128 px): feature maps differ in size and channels.
@@ -285,7 +284,7 @@ def test_method_names_are_checked():
             parse_method(bad)
 
 
-@pytest.mark.parametrize("method", ["kd", "dkd", "at", "cwd", "mgd", "amd", "fitnet", "kd+at"])
+@pytest.mark.parametrize("method", [*sorted(METHODS), "kd+at"])   # every registered one
 def test_every_method_trains_one_epoch_end_to_end(finished_run, tmp_path, method):
     data_dir, out_dir, _, _ = finished_run
     run = tmp_path / "run"
@@ -305,8 +304,10 @@ def test_every_method_trains_one_epoch_end_to_end(finished_run, tmp_path, method
         # would record nothing, or zero.
         assert (history[f"loss_{part}"] > 0).all(), (part, history[f"loss_{part}"].tolist())
     best = torch.load(run / "kd_student" / "best.pt", weights_only=True)
-    if method == "mgd":   # its generator is saved with the student
-        assert any(key.startswith("generators.") for key in best["distill_modules"])
+    for part in parse_method(method):   # a method's own modules are saved with the student
+        if getattr(METHODS[part], "pair_modules", None):
+            assert any(key.startswith(METHODS[part].pair_modules + ".")
+                       for key in best["distill_modules"])
 
 
 def test_two_teachers_end_to_end_and_bad_method(finished_run, tmp_path):
