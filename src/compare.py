@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,118 +105,23 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
     recipes = dict(parse_recipe(spec) for spec in specs)
     if len(recipes) != len(specs):
         raise ToolError("--recipes: each name once")
-    hint = "check --teacher-ckpt" if teachers else f"train_teacher.py --out-dir {out_dir} first"
-    teachers = [Path(ckpt) for ckpt in teachers or [out_dir / "teacher" / "best.pt"]]
-    for ckpt in teachers:
-        if not ckpt.exists():
-            raise ToolError(f"compare_recipes needs the teacher every recipe learns from: "
-                            f"{ckpt} not found ({hint})")
+    teachers = _teacher_checkpoints(out_dir, teachers)
     # Checked here, before any work; the summary records the weights as applied.
     applied_weights = normalised_teacher_weights(teacher_weights, len(teachers))
-    teacher_flags = ["--teacher-ckpt", *map(str, teachers)] + (
-        ["--teacher-weights", *map(str, teacher_weights)] if teacher_weights else [])
-    for name, flags in recipes.items():
-        recipes[name] = keep_preset_settings(name, flags, common)
+    recipes = {name: keep_preset_settings(name, flags, common) for name, flags in recipes.items()}
     versus = versus or next(iter(recipes))
     if versus not in recipes:
         raise ToolError(f"--versus {versus!r} is not one of --recipes")
-    # Every recipe's settings are checked before any training starts.
-    for name, flags in recipes.items():
-        checks = [("kd_student", for_seed(flags, seeds[0])),
-                  ("student", stage_flags("student", flags))]
-        if uses_unlabelled(flags):
-            checks.append(("kd_student", self_training_flags(flags, 0, Path("baseline"))))
-        for stage, checked in checks:
-            check_stage_flags(stage, [*common, *checked], f"recipe {name}: {' '.join(checked)}")
+    _check_recipes(recipes, seeds, common)
     split = load_saved_split(data_dir, out_dir)
-    runtime = Runtime(pick_device("auto"), amp=False, channels_last=False)
-    test_rows = split.rows("test")
-    teacher_metrics = score_teachers(teachers, teacher_weights, split.classes, data_dir,
-                                     test_rows["upscale_img_path"].tolist(), test_rows["label"],
-                                     out_dir / "cache", "HR", 256, runtime)
     holdout = read_holdout_labels(data_dir)
-    teacher_holdout = None
-    if holdout is not None and "upscale_img_path" in holdout.columns:
-        teacher_holdout = score_teachers(teachers, teacher_weights, split.classes, data_dir,
-                                         holdout["upscale_img_path"].tolist(), holdout["label"],
-                                         out_dir / "cache", "TEST-HR", 256, runtime)
-    baselines: dict[str, str] = {}      # baseline settings -> recipe folder that trains it
-    folders = {}                        # recipe -> (its baseline's folder, its own folder)
-    self_training = {}                  # recipe with --unlabelled -> its self-training folder
-    for name, flags in recipes.items():
-        # --weights teacher (a flag or a preset's) starts from the first teacher's file;
-        # the summary keeps the flags as given (recipes[name]).
-        recipes[name] = [*common, *flags]
-        flags = with_teacher_weights("kd_student", recipes[name], teachers[0])
-        student_flags = stage_flags("student", flags)
-        settings = jsonable(parse_train_arguments("student", student_flags))
-        owner = baselines.setdefault(json.dumps(settings, sort_keys=True), name)
-        folders[name] = (out_dir / "recipes" / owner, out_dir / "recipes" / name)
-        if uses_unlabelled(flags):
-            self_training[name] = out_dir / "recipes" / f"{name}.self-training"
-        for seed in seeds:
-            seed_flags = ["--seed", str(seed)]
-            baseline_run = folders[name][0] / f"seed{seed}"
-            run_stage_in(baseline_run, "student", out_dir, data_dir,
-                         [*student_flags, *seed_flags], f"{owner}: baseline, seed {seed}",
-                         processes)
-            if name in self_training:
-                run_stage_in(self_training[name] / f"seed{seed}", "kd_student", out_dir,
-                             data_dir, self_training_flags(flags, seed, baseline_run),
-                             f"{name}: self-training baseline, seed {seed}", processes)
-            # LR pseudo-teachers replace the HR teacher(s) of a recipe that names them.
-            teachers_of = [] if uses_flag(flags, "--pseudo-teacher") else teacher_flags
-            run_stage_in(folders[name][1] / f"seed{seed}", "kd_student", out_dir, data_dir,
-                         [*for_seed(flags, seed), *seed_flags, *teachers_of],
-                         f"{name}: KD student, seed {seed}", processes)
-    results = {}
-    for name, (baseline_folder, kd_folder) in folders.items():
-        # A recipe's baseline and KD student share its folder: key by folder and stage.
-        if (baseline_folder, "student") not in results:
-            results[baseline_folder, "student"] = _seed_results(
-                baseline_folder, "student", seeds, data_dir, out_dir, holdout)
-        results[kd_folder, "kd_student"] = _seed_results(kd_folder, "kd_student", seeds,
-                                                         data_dir, out_dir, holdout)
-        if name in self_training:
-            results[self_training[name], "kd_student"] = _seed_results(
-                self_training[name], "kd_student", seeds, data_dir, out_dir, holdout)
-    rows = []
-    for name, (baseline_folder, kd_folder) in folders.items():
-        row = {"recipe": name, "flags": recipes[name], "baseline_folder": str(baseline_folder),
-               "against": {}}
-        for against, folder in (("own", baseline_folder), ("versus", folders[versus][0])):
-            if against == "versus" and folder == baseline_folder:
-                continue
-            row["against"][against] = compare_runs(results[folder, "student"],
-                                                   results[kd_folder, "kd_student"],
-                                                   teacher_metrics, teacher_holdout, resamples)
-        if name in self_training:
-            # What the HR teacher adds beyond the unlabelled images themselves, and what
-            # those images give without it.
-            self_trained = results[self_training[name], "kd_student"]
-            row["against"]["self-training"] = compare_runs(
-                self_trained, results[kd_folder, "kd_student"], teacher_metrics,
-                teacher_holdout, resamples)
-            row["self_training"] = {"folder": str(self_training[name]), "against_own": compare_runs(
-                results[baseline_folder, "student"], self_trained, teacher_metrics,
-                teacher_holdout, resamples), "accuracy": [run["accuracy"] for run in self_trained]}
-        row["per_seed"] = [{"seed": seed, "baseline_accuracy": base["accuracy"],
-                            "kd_accuracy": kd["accuracy"], "baseline_seconds":
-                            base["train_seconds"], "kd_seconds": kd["train_seconds"],
-                            **({"baseline_holdout_accuracy": base["holdout"]["accuracy"],
-                                "kd_holdout_accuracy": kd["holdout"]["accuracy"]}
-                               if holdout is not None else {})}
-                           for seed, base, kd in zip(seeds, results[baseline_folder, "student"],
-                                                     results[kd_folder, "kd_student"])]
-        if name in self_training:
-            for entry, run in zip(row["per_seed"], results[self_training[name], "kd_student"]):
-                entry["self_training_accuracy"] = run["accuracy"]
-                entry["self_training_seconds"] = run["train_seconds"]
-                if holdout is not None:
-                    entry["self_training_holdout_accuracy"] = run["holdout"]["accuracy"]
-        row["curves"] = str(plot_recipe_curves(name, baseline_folder, kd_folder, seeds,
-                                               self_training.get(name)))
-        rows.append(row)
+    teacher_scores = _score_teachers(teachers, teacher_weights, split, data_dir, out_dir, holdout)
+    plans = _train_recipes(recipes, common, seeds, teachers, teacher_weights, out_dir, data_dir,
+                           processes)
+    results = _collect_results(plans, seeds, data_dir, out_dir, holdout)
+    rows = [_recipe_row(plan, plans[versus], results, seeds, teacher_scores, resamples,
+                        holdout is not None) for plan in plans.values()]
+    teacher_metrics, teacher_holdout = teacher_scores
     summary = {"teacher": {key: teacher_metrics[key] for key in ("accuracy", "macro_f1", "n")},
                "teacher_checkpoints": [str(ckpt) for ckpt in teachers],
                "teacher_weights": applied_weights,
@@ -226,6 +132,148 @@ def compare_recipes(data_dir: Path, out_dir: Path, specs: list[str], seeds: list
                "split_fingerprint": split.fingerprint, "recipes": rows}
     publish_table(out_dir / "recipes", "summary", recipes_table(summary), summary)
     return summary
+
+
+def _teacher_checkpoints(out_dir: Path, teachers: list[Path] | None) -> list[Path]:
+    hint = "check --teacher-ckpt" if teachers else f"train_teacher.py --out-dir {out_dir} first"
+    teachers = [Path(ckpt) for ckpt in teachers or [out_dir / "teacher" / "best.pt"]]
+    for ckpt in teachers:
+        if not ckpt.exists():
+            raise ToolError(f"compare_recipes needs the teacher every recipe learns from: "
+                            f"{ckpt} not found ({hint})")
+    return teachers
+
+
+def _check_recipes(recipes: dict, seeds: list[int], common: list[str]) -> None:
+    """Every recipe's settings, for each stage it trains, before any training starts."""
+    for name, flags in recipes.items():
+        checks = [("kd_student", for_seed(flags, seeds[0])),
+                  ("student", stage_flags("student", flags))]
+        if uses_unlabelled(flags):
+            checks.append(("kd_student", self_training_flags(flags, 0, Path("baseline"))))
+        for stage, checked in checks:
+            check_stage_flags(stage, [*common, *checked], f"recipe {name}: {' '.join(checked)}")
+
+
+def _score_teachers(teachers, teacher_weights, split, data_dir: Path, out_dir: Path,
+                    holdout: pd.DataFrame | None) -> tuple[dict, dict | None]:
+    """The teachers' (averaged) scores on the split's test images and, where the held-out
+    images have HR twins, on those."""
+    runtime = Runtime(pick_device("auto"), amp=False, channels_last=False)
+    test_rows = split.rows("test")
+    on_test = score_teachers(teachers, teacher_weights, split.classes, data_dir,
+                             test_rows["upscale_img_path"].tolist(), test_rows["label"],
+                             out_dir / "cache", "HR", 256, runtime)
+    on_holdout = None
+    if holdout is not None and "upscale_img_path" in holdout.columns:
+        on_holdout = score_teachers(teachers, teacher_weights, split.classes, data_dir,
+                                    holdout["upscale_img_path"].tolist(), holdout["label"],
+                                    out_dir / "cache", "TEST-HR", 256, runtime)
+    return on_test, on_holdout
+
+
+@dataclass
+class RecipePlan:
+    """Where a recipe's runs live: its baseline's folder (shared by recipes whose baselines
+    train alike), its KD students' and, with a transfer set, its self-training baseline's."""
+    name: str
+    flags: list[str]                    # as given, after the shared flags
+    baseline_folder: Path
+    folder: Path
+    self_training: Path | None = None
+
+
+def _train_recipes(recipes: dict, common: list[str], seeds: list[int], teachers: list[Path],
+                   teacher_weights, out_dir: Path, data_dir: Path,
+                   processes: int) -> dict[str, RecipePlan]:
+    """Train every run that is missing: per recipe and seed, its baseline, its
+    self-training baseline (with a transfer set) and its KD student."""
+    teacher_flags = ["--teacher-ckpt", *map(str, teachers)] + (
+        ["--teacher-weights", *map(str, teacher_weights)] if teacher_weights else [])
+    baselines: dict[str, str] = {}      # baseline settings -> recipe folder that trains it
+    plans = {}
+    for name, flags in recipes.items():
+        # --weights teacher (a flag or a preset's) starts from the first teacher's file;
+        # the summary keeps the flags as given.
+        flags = with_teacher_weights("kd_student", [*common, *flags], teachers[0])
+        student_flags = stage_flags("student", flags)
+        settings = jsonable(parse_train_arguments("student", student_flags))
+        owner = baselines.setdefault(json.dumps(settings, sort_keys=True), name)
+        plan = plans[name] = RecipePlan(
+            name, [*common, *recipes[name]], out_dir / "recipes" / owner,
+            out_dir / "recipes" / name,
+            out_dir / "recipes" / f"{name}.self-training" if uses_unlabelled(flags) else None)
+        for seed in seeds:
+            seed_flags = ["--seed", str(seed)]
+            baseline_run = plan.baseline_folder / f"seed{seed}"
+            run_stage_in(baseline_run, "student", out_dir, data_dir,
+                         [*student_flags, *seed_flags], f"{owner}: baseline, seed {seed}",
+                         processes)
+            if plan.self_training:
+                run_stage_in(plan.self_training / f"seed{seed}", "kd_student", out_dir,
+                             data_dir, self_training_flags(flags, seed, baseline_run),
+                             f"{name}: self-training baseline, seed {seed}", processes)
+            # LR pseudo-teachers replace the HR teacher(s) of a recipe that names them.
+            teachers_of = [] if uses_flag(flags, "--pseudo-teacher") else teacher_flags
+            run_stage_in(plan.folder / f"seed{seed}", "kd_student", out_dir, data_dir,
+                         [*for_seed(flags, seed), *seed_flags, *teachers_of],
+                         f"{name}: KD student, seed {seed}", processes)
+    return plans
+
+
+def _collect_results(plans: dict[str, RecipePlan], seeds, data_dir: Path, out_dir: Path,
+                     holdout) -> dict:
+    """Each run's per-seed results, keyed by (folder, stage): a baseline shared by several
+    recipes is read once."""
+    results = {}
+    for plan in plans.values():
+        runs = [(plan.baseline_folder, "student"), (plan.folder, "kd_student")]
+        if plan.self_training:
+            runs.append((plan.self_training, "kd_student"))
+        for key in runs:
+            if key not in results:
+                results[key] = _seed_results(*key, seeds, data_dir, out_dir, holdout)
+    return results
+
+
+def _recipe_row(plan: RecipePlan, versus: RecipePlan, results: dict, seeds: list[int],
+                teacher_scores: tuple, resamples: int, with_holdout: bool) -> dict:
+    """A recipe's KD students against its own baseline, the ``versus`` recipe's and (with
+    a transfer set) its self-training baseline; per-seed figures; its curves."""
+    baseline = results[plan.baseline_folder, "student"]
+    students = results[plan.folder, "kd_student"]
+    row = {"recipe": plan.name, "flags": plan.flags,
+           "baseline_folder": str(plan.baseline_folder), "against": {}}
+    row["against"]["own"] = compare_runs(baseline, students, *teacher_scores, resamples)
+    if versus.baseline_folder != plan.baseline_folder:
+        row["against"]["versus"] = compare_runs(results[versus.baseline_folder, "student"],
+                                                students, *teacher_scores, resamples)
+    if plan.self_training:
+        # What the HR teacher adds beyond the unlabelled images themselves, and what
+        # those images give without it.
+        self_trained = results[plan.self_training, "kd_student"]
+        row["against"]["self-training"] = compare_runs(self_trained, students,
+                                                       *teacher_scores, resamples)
+        row["self_training"] = {
+            "folder": str(plan.self_training),
+            "against_own": compare_runs(baseline, self_trained, *teacher_scores, resamples),
+            "accuracy": [run["accuracy"] for run in self_trained]}
+    row["per_seed"] = [{"seed": seed, "baseline_accuracy": base["accuracy"],
+                        "kd_accuracy": kd["accuracy"], "baseline_seconds":
+                        base["train_seconds"], "kd_seconds": kd["train_seconds"],
+                        **({"baseline_holdout_accuracy": base["holdout"]["accuracy"],
+                            "kd_holdout_accuracy": kd["holdout"]["accuracy"]}
+                           if with_holdout else {})}
+                       for seed, base, kd in zip(seeds, baseline, students)]
+    if plan.self_training:
+        for entry, run in zip(row["per_seed"], results[plan.self_training, "kd_student"]):
+            entry["self_training_accuracy"] = run["accuracy"]
+            entry["self_training_seconds"] = run["train_seconds"]
+            if with_holdout:
+                entry["self_training_holdout_accuracy"] = run["holdout"]["accuracy"]
+    row["curves"] = str(plot_recipe_curves(plan.name, plan.baseline_folder, plan.folder,
+                                           seeds, plan.self_training))
+    return row
 
 
 def _seed_results(folder: Path, stage: str, seeds: list[int], data_dir: Path, out_dir: Path,

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +216,9 @@ def train_main(stage: str, argv=None) -> int:
 
 
 def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
-    resolution = STAGES[stage]["resolution"]
+    """The train script's steps, in order: a finished run or the resume check; processes
+    and seeds; the split; the teachers (checked before the slow image decoding); the
+    model; the images; the objective; the record; training."""
     args_dict = jsonable(args)
     if _prepare_stage_dir(stage_dir, args) == "finished":  # only reachable with --resume
         # Another --epochs (a longer budget) is refused like any other setting, with the
@@ -228,7 +231,43 @@ def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
               f"(use --overwrite to train again)")
         return 0
     config = _check_resume_settings(stage_dir, stage, args_dict) if args.resume else None
+    device, context, runtime = _start(args)
+    with distributed.main_process_first():
+        split = load_or_create_split(args.data_dir, out_dir, args.seed,
+                                     per_class=args.split_per_class)
+    if args.final_fit:
+        split = split.all_for_training()
+    teachers = _load_teachers(args, split) if stage == "kd_student" else Teachers()
+    model = _build_student(args, split)
+    data = _load_data(stage, args, split, teachers, context, runtime)
+    objective = _build_objective(stage, args, model, teachers, data, device, runtime)
+    if context.is_main:
+        _clear_for_overwrite(stage_dir, args)
+    record = _stage_record(stage, args, args_dict, config, device, context, split, teachers,
+                           data)
+    if context.is_main:
+        write_json(stage_dir / "config.json", record)
+    print(_run_line(stage, args, split, data, device, context))
+    meta = {"stage": stage, "arch": args.arch, "library": library_of(args.arch),
+            "library_version": library_version(args.arch), "classes": split.classes,
+            "resolution": STAGES[stage]["resolution"], "input_size": args.input_size,
+            "image_size": data.images.image_size(STAGES[stage]["resolution"]),
+            "seed": args.seed, "split_fingerprint": split.fingerprint}
+    trackers = Trackers(args, stage_dir, f"{out_dir.name}/{stage_dir.name}", record, "train",
+                        enabled=context.is_main)
+    try:
+        summary = fit(objective, data.images, _fit_config(args, runtime, data), stage_dir,
+                      runtime, meta, resume=args.resume, on_epoch=trackers.log_epoch)
+    finally:
+        trackers.close()
+        distributed.teardown()
+    print(f"done: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
+          f"({summary['train_seconds']:.0f}s) -> {stage_dir / 'best.pt'}")
+    return 0
 
+
+def _start(args) -> tuple[torch.device, distributed.Context, Runtime]:
+    """The device and (under torchrun) the process group; seeds; the runtime settings."""
     device = distributed.setup(args.device, args.sync_bn)
     context = distributed.current()
     if args.batch_size < 2 * context.world_size:
@@ -237,81 +276,113 @@ def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
     # Every process starts from the same weights (DDP also checks that).
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    runtime = runtime_for(args, device, args.deterministic)
+    return device, context, runtime_for(args, device, args.deterministic)
 
-    with distributed.main_process_first():
-        split = load_or_create_split(args.data_dir, out_dir, args.seed,
-                                     per_class=args.split_per_class)
-    if args.final_fit:
-        split = split.all_for_training()
-    view_sizes = {resolution: args.input_size}
-    teachers, teacher_metas, teacher_ckpts, teacher_resolution = [], [], [], None
-    if stage == "kd_student":
-        # Load (and so check) the teachers before the slow image decoding.
-        teacher_resolution = "lr" if args.pseudo_teacher else "hr"
-        teacher_ckpts = args.pseudo_teacher or args.teacher_ckpt
-        for ckpt in teacher_ckpts:
-            teacher, meta = load_teacher(ckpt, split.classes, teacher_resolution)
-            teachers.append(teacher)
-            teacher_metas.append(meta)
-        if teacher_resolution == "hr":
-            view_sizes["hr"] = int(teacher_metas[0]["input_size"])
+
+@dataclass
+class Teachers:
+    """The KD student's frozen teachers: HR teachers, or LR pseudo-teachers."""
+    models: list = field(default_factory=list)
+    metas: list = field(default_factory=list)
+    checkpoints: list = field(default_factory=list)
+    resolution: str | None = None
+
+
+def _load_teachers(args, split) -> Teachers:
+    resolution = "lr" if args.pseudo_teacher else "hr"
+    teachers = Teachers(resolution=resolution,
+                        checkpoints=list(args.pseudo_teacher or args.teacher_ckpt))
+    for ckpt in teachers.checkpoints:
+        teacher, meta = load_teacher(ckpt, split.classes, resolution)
+        teachers.models.append(teacher)
+        teachers.metas.append(meta)
+    return teachers
+
+
+def _build_student(args, split) -> torch.nn.Module:
     model = build_model(args.arch, len(split.classes), args.weights, args.input_size,
                         partial=args.partial_weights)
     if args.layer_decay is None:
         # BEiT-style fine-tuning for pretrained transformers; a CNN or a model trained from
         # scratch learns every layer at the full rate.
         args.layer_decay = 0.75 if args.weights == "imagenet" and is_transformer(model) else 1.0
+    return model
+
+
+@dataclass
+class StageData:
+    images: ImageSet
+    view_sizes: dict
+    unlabelled: dict | None = None      # what the transfer set holds, for the record
+    teacher_logits: torch.Tensor | None = None    # --teacher-cache
+    lr_from_hr: int = 0                 # --lr-from-hr's HR/LR factor
+
+
+def _load_data(stage: str, args, split, teachers: Teachers, context, runtime) -> StageData:
+    """The training images at each resolution the stage needs (and the transfer set's),
+    from the decoded-image cache; with --teacher-cache, the teacher's logits instead of HR
+    images."""
+    view_sizes = {STAGES[stage]["resolution"]: args.input_size}
+    if teachers.resolution == "hr":
+        view_sizes["hr"] = int(teachers.metas[0]["input_size"])
     cache_dir = cache_dir_for(args)
-    teacher_logits, unlabelled = None, None
     source = read_unlabelled(args.unlabelled, *labelled_sizes(split, args.data_dir),
-                             needs_hr=teacher_resolution == "hr") \
+                             needs_hr=teachers.resolution == "hr") \
         if getattr(args, "unlabelled", None) else None
     load = lambda resolutions: load_training_images(  # noqa: E731
         split, args, resolutions, source, cache_dir, memory_map=context.enabled)
+    teacher_logits = None
     # Rank 0 decodes the images (and computes the cached teacher logits) into the cache;
     # the other processes then read the same files, memory-mapped.
     with distributed.main_process_first():
         if stage == "kd_student" and args.teacher_cache:
-            if len(teachers) > 1:
+            if len(teachers.models) > 1:
                 raise ToolError("--teacher-cache takes one teacher checkpoint")
-            teacher_logits = _teacher_logits(teachers[0], teacher_metas[0], teacher_ckpts[0],
-                                             teacher_resolution, split, source, args, load,
-                                             cache_dir, runtime)
+            teacher_logits = _teacher_logits(teachers.models[0], teachers.metas[0],
+                                             teachers.checkpoints[0], teachers.resolution,
+                                             split, source, args, load, cache_dir, runtime)
             view_sizes.pop("hr", None)    # the student alone needs images from here on
         images, unlabelled = load(sorted(view_sizes))
     lr_from_hr = _lr_render_scale(images) if getattr(args, "lr_from_hr", False) else 0
+    return StageData(images, view_sizes, unlabelled, teacher_logits, lr_from_hr)
 
+
+def _build_objective(stage: str, args, model, teachers: Teachers, data: StageData, device,
+                     runtime):
     if stage == "kd_student":
-        objective = Distiller(model, [] if teacher_logits is not None else teachers,
+        objective = Distiller(model, [] if data.teacher_logits is not None else teachers.models,
                               args.method, vars(args),
-                              [int(meta["input_size"]) for meta in teacher_metas],
-                              cached_teacher_logits=teacher_logits,
-                              probe_size=args.input_size, teacher_resolution=teacher_resolution)
+                              [int(meta["input_size"]) for meta in teachers.metas],
+                              cached_teacher_logits=data.teacher_logits,
+                              probe_size=args.input_size,
+                              teacher_resolution=teachers.resolution)
     else:
-        objective = HardLabels(model, resolution)
+        objective = HardLabels(model, STAGES[stage]["resolution"])
     objective.to(device)
     if runtime.channels_last:
         objective.to(memory_format=torch.channels_last)
     if args.compile:
         model.compile()
+    return objective
 
-    if context.is_main:
-        _clear_for_overwrite(stage_dir, args)
+
+def _stage_record(stage: str, args, args_dict: dict, config: dict | None, device, context,
+                  split, teachers: Teachers, data: StageData) -> dict:
+    """What config.json says of the run: its settings, and what they resolved to."""
     record = run_record(args_dict, {
         "stage": stage, "device": _device_name(device),
         "split": {"seed": split.seed, "fingerprint": split.fingerprint,
                   "classes": len(split.classes)},
-        "image_sizes": {key: images.image_size(key) for key in images.pixels},
-        "teacher": {"checkpoints": [str(ckpt) for ckpt in teacher_ckpts],
-                    "resolution": teacher_resolution,
-                    "archs": [meta["arch"] for meta in teacher_metas],
-                    "input_sizes": [meta["input_size"] for meta in teacher_metas],
+        "image_sizes": {key: data.images.image_size(key) for key in data.images.pixels},
+        "teacher": {"checkpoints": [str(ckpt) for ckpt in teachers.checkpoints],
+                    "resolution": teachers.resolution,
+                    "archs": [meta["arch"] for meta in teachers.metas],
+                    "input_sizes": [meta["input_size"] for meta in teachers.metas],
                     "method": args.method,
                     "method_settings": method_settings(args.method, vars(args)),
-                    "mode": "cached logits" if teacher_logits is not None
-                    else "online, paired views"} if teacher_metas else None,
-        "unlabelled": unlabelled,
+                    "mode": "cached logits" if data.teacher_logits is not None
+                    else "online, paired views"} if teachers.metas else None,
+        "unlabelled": data.unlabelled,
     })
     if config is not None:
         record["resumed"] = config.get("resumed", []) + [record.pop("command")]
@@ -319,44 +390,36 @@ def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
     record["processes"] = context.world_size
     record["layer_decay"] = args.layer_decay
     record["versions"][library_of(args.arch)] = library_version(args.arch)
-    if context.is_main:
-        write_json(stage_dir / "config.json", record)
+    return record
 
-    print(f"{STAGES[stage]['title']}: {args.arch} ({args.weights} weights) on "
-          f"{resolution.upper()} {images.image_size(resolution)}px -> {args.input_size}px, "
-          f"{len(split.indices('train'))} train / {len(split.indices('val'))} val images"
-          + (" (final fit: every labelled image)" if args.final_fit else "") + ", "
-          + (f"{unlabelled['used']} unlabelled ({args.unlabelled_ratio:g} per labelled image "
-             f"in a batch), " if unlabelled else "")
-          + (f"layer-wise lr decay {args.layer_decay:g}, " if args.layer_decay != 1 else "")
-          + f"{_device_name(device)}"
-          + (f", {context.world_size} processes (torchrun), global batch {args.batch_size}"
-             if context.enabled else ""))
-    cfg = FitConfig(
+
+def _run_line(stage: str, args, split, data: StageData, device, context) -> str:
+    resolution = STAGES[stage]["resolution"]
+    unlabelled = data.unlabelled
+    return (f"{STAGES[stage]['title']}: {args.arch} ({args.weights} weights) on "
+            f"{resolution.upper()} {data.images.image_size(resolution)}px -> "
+            f"{args.input_size}px, {len(split.indices('train'))} train / "
+            f"{len(split.indices('val'))} val images"
+            + (" (final fit: every labelled image)" if args.final_fit else "") + ", "
+            + (f"{unlabelled['used']} unlabelled ({args.unlabelled_ratio:g} per labelled "
+               f"image in a batch), " if unlabelled else "")
+            + (f"layer-wise lr decay {args.layer_decay:g}, " if args.layer_decay != 1 else "")
+            + f"{_device_name(device)}"
+            + (f", {context.world_size} processes (torchrun), global batch {args.batch_size}"
+               if context.enabled else ""))
+
+
+def _fit_config(args, runtime, data: StageData) -> FitConfig:
+    return FitConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, lr_factor=args.lr_factor, lr_patience=args.lr_patience,
         min_lr=args.min_lr, patience=args.patience, monitor=args.monitor, hflip=args.hflip,
         crop_scale=args.crop_scale, seed=args.seed, amp=runtime.amp,
-        channels_last=runtime.channels_last, view_sizes=view_sizes, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, mixup=args.mixup, cutmix=args.cutmix,
-        sync_bn=args.sync_bn, layer_decay=args.layer_decay, lr_from_hr=lr_from_hr,
-        unlabelled_ratio=args.unlabelled_ratio if unlabelled else 0.0)
-    meta = {"stage": stage, "arch": args.arch, "library": library_of(args.arch),
-            "library_version": library_version(args.arch), "classes": split.classes,
-            "resolution": resolution, "input_size": args.input_size,
-            "image_size": images.image_size(resolution), "seed": args.seed,
-            "split_fingerprint": split.fingerprint}
-    trackers = Trackers(args, stage_dir, f"{out_dir.name}/{stage_dir.name}", record, "train",
-                        enabled=context.is_main)
-    try:
-        summary = fit(objective, images, cfg, stage_dir, runtime, meta, resume=args.resume,
-                      on_epoch=trackers.log_epoch)
-    finally:
-        trackers.close()
-        distributed.teardown()
-    print(f"done: best epoch {summary['best_epoch']} of {summary['epochs_run']} "
-          f"({summary['train_seconds']:.0f}s) -> {stage_dir / 'best.pt'}")
-    return 0
+        channels_last=runtime.channels_last, view_sizes=data.view_sizes,
+        schedule=args.schedule, warmup_epochs=args.warmup_epochs, mixup=args.mixup,
+        cutmix=args.cutmix, sync_bn=args.sync_bn, layer_decay=args.layer_decay,
+        lr_from_hr=data.lr_from_hr,
+        unlabelled_ratio=args.unlabelled_ratio if data.unlabelled else 0.0)
 
 
 def _lr_render_scale(images: ImageSet) -> int:

@@ -242,32 +242,17 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
     drop_last = 0 < len(train_idx) % cfg.batch_size < 2 * context.world_size
     steps_per_epoch = len(batch_indices(train_idx, cfg.batch_size, None, drop_last=drop_last))
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    state = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0,
-             "history": [], "train_seconds": 0.0, "world_size": context.world_size}
-    if resume:
-        state = _restore(stage_dir / "last.pt", objective, optimizer, scheduler)
-        print(f"resuming after epoch {state['epoch']} "
-              f"(best so far: epoch {state['best_epoch']})")
-        saved_world = state.get("world_size", 1)
-        if saved_world != context.world_size:
-            # The global batches, their order and augmentation do not depend on the number
-            # of processes, so the run goes on as it would have.
-            print(f"note: the run was trained by {saved_world} process(es), resumes with "
-                  f"{context.world_size}; the global batch is unchanged")
-            state["world_size"] = context.world_size
+    state = _resumed_state(stage_dir, objective, optimizer, scheduler, context) if resume \
+        else {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0,
+              "history": [], "train_seconds": 0.0, "world_size": context.world_size}
 
     stopped_early = False
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         start = time.perf_counter()
         generator = epoch_generator(cfg.seed, epoch)
         objective.start_epoch(epoch)
-        batches = batch_indices(train_idx, cfg.batch_size, generator, drop_last=drop_last)
-        labelled_counts = None
-        if len(unlabelled_idx):
-            extra = unlabelled_batches(unlabelled_idx, batches, cfg.unlabelled_ratio, cfg.seed,
-                                       epoch)
-            labelled_counts = [len(batch) for batch in batches]
-            batches = [np.concatenate([batch, more]) for batch, more in zip(batches, extra)]
+        batches, labelled_counts = _epoch_batches(train_idx, unlabelled_idx, cfg, generator,
+                                                  drop_last, epoch)
         lr = max(group["lr"] for group in optimizer.param_groups)
         train = train_one_epoch(objective, images, batches, cfg.view_sizes, cfg, generator,
                                 optimizer, runtime, f"epoch {epoch}/{cfg.epochs} train",
@@ -280,40 +265,19 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
             else {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
         if cfg.schedule == "plateau":
             scheduler.step(val["loss"])
-        seconds = time.perf_counter() - start
         row = {"epoch": epoch, "train_loss": train.pop("loss"), "train_ce": train.pop("ce"),
                "train_acc": train.pop("acc"), **train, "val_loss": val["loss"],
                "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": lr,
-               "seconds": seconds}
-        state["history"].append(row)
-        state["train_seconds"] += seconds
-
-        score = epoch if cfg.monitor == "last" else row[cfg.monitor]
-        best = state["best_score"]
-        improved = best is None or (score < best if cfg.monitor == "val_loss" else score > best)
-        if improved:
-            state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
-        if improved and context.is_main:
-            save_checkpoint(stage_dir / "best.pt", objective.student,
-                            {**checkpoint_meta, "epoch": epoch, "val_loss": val["loss"],
-                             "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                             "distill_modules": objective.extra_state()})
-        if not improved:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch
-        # A fixed budget (cosine) or the last epoch as the model: no early stop.
-        stopped_early = (cfg.schedule == "plateau" and cfg.monitor != "last"
-                         and state["bad_epochs"] >= cfg.patience)
-        finished = stopped_early or epoch == cfg.epochs
+               "seconds": time.perf_counter() - start}
+        improved, stopped_early = _select(state, row, cfg)
         if context.is_main:
-            write_csv(stage_dir / "history.csv", pd.DataFrame(state["history"]))
-            # last.pt is written last: it is the commit point a resume starts from.
-            _save_last(stage_dir / "last.pt", objective, optimizer, scheduler, state, finished)
+            _save_epoch(stage_dir, objective, optimizer, scheduler, state, checkpoint_meta,
+                        improved, finished=stopped_early or epoch == cfg.epochs)
         if on_epoch is not None:
             on_epoch(row)
         print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
               f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
-              f" f1 {row['val_macro_f1']:.4f}  lr {lr:.2e}  {seconds:.1f}s"
+              f" f1 {row['val_macro_f1']:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
               + ("  *" if improved else ""))
         if stopped_early:
             print(f"early stop: no {cfg.monitor} improvement for {cfg.patience} epochs")
@@ -328,6 +292,64 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
     if context.is_main:
         write_json(stage_dir / "train_summary.json", summary)
     return summary
+
+
+def _resumed_state(stage_dir: Path, objective, optimizer, scheduler, context) -> dict:
+    state = _restore(stage_dir / "last.pt", objective, optimizer, scheduler)
+    print(f"resuming after epoch {state['epoch']} (best so far: epoch {state['best_epoch']})")
+    saved_world = state.get("world_size", 1)
+    if saved_world != context.world_size:
+        # The global batches, their order and augmentation do not depend on the number of
+        # processes, so the run goes on as it would have.
+        print(f"note: the run was trained by {saved_world} process(es), resumes with "
+              f"{context.world_size}; the global batch is unchanged")
+        state["world_size"] = context.world_size
+    return state
+
+
+def _epoch_batches(train_idx, unlabelled_idx, cfg: FitConfig, generator, drop_last: bool,
+                   epoch: int) -> tuple[list, list | None]:
+    """The epoch's batches of row positions and, with a transfer set, how many of each
+    batch's rows are labelled (they come first)."""
+    batches = batch_indices(train_idx, cfg.batch_size, generator, drop_last=drop_last)
+    if not len(unlabelled_idx):
+        return batches, None
+    extra = unlabelled_batches(unlabelled_idx, batches, cfg.unlabelled_ratio, cfg.seed, epoch)
+    labelled_counts = [len(batch) for batch in batches]
+    return [np.concatenate([batch, more]) for batch, more in zip(batches, extra)], \
+        labelled_counts
+
+
+def _select(state: dict, row: dict, cfg: FitConfig) -> tuple[bool, bool]:
+    """Add the epoch to ``state``: whether it is the best so far by ``cfg.monitor``, and
+    whether early stopping ends the run here."""
+    state["history"].append(row)
+    state["train_seconds"] += row["seconds"]
+    score = row["epoch"] if cfg.monitor == "last" else row[cfg.monitor]
+    best = state["best_score"]
+    improved = best is None or (score < best if cfg.monitor == "val_loss" else score > best)
+    if improved:
+        state.update(best_score=score, best_epoch=row["epoch"], bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    state["epoch"] = row["epoch"]
+    # A fixed budget (cosine) or the last epoch as the model: no early stop.
+    stopped_early = (cfg.schedule == "plateau" and cfg.monitor != "last"
+                     and state["bad_epochs"] >= cfg.patience)
+    return improved, stopped_early
+
+
+def _save_epoch(stage_dir: Path, objective, optimizer, scheduler, state: dict,
+                checkpoint_meta: dict, improved: bool, finished: bool) -> None:
+    row = state["history"][-1]
+    if improved:
+        save_checkpoint(stage_dir / "best.pt", objective.student,
+                        {**checkpoint_meta, "epoch": row["epoch"], "val_loss": row["val_loss"],
+                         "val_acc": row["val_acc"], "val_macro_f1": row["val_macro_f1"],
+                         "distill_modules": objective.extra_state()})
+    write_csv(stage_dir / "history.csv", pd.DataFrame(state["history"]))
+    # last.pt is written last: it is the commit point a resume starts from.
+    _save_last(stage_dir / "last.pt", objective, optimizer, scheduler, state, finished)
 
 
 def parameter_groups(objective, lr: float, layer_decay: float) -> list[dict]:
