@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass(frozen=True)
 class Flag:
     """A method's setting: the flag ``--<name with dashes>``, kept in config.json as ``name``.
