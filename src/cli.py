@@ -53,15 +53,31 @@ def keep_freed_memory() -> str:
     return "C library default (mallopt refused)"
 
 
+def write_whole_lines() -> None:
+    """Make every printed line go out in one write, its text and newline together.
+
+    Under torchrun several processes share one stdout and stderr. With PYTHONUNBUFFERED
+    set (as on CI's machines) ``print`` writes the text and the newline separately, so two
+    processes' lines ran together ("...imageserror: ..."). Line buffering without
+    write-through keeps a line's parts until its newline and hands them to the file in
+    one ``write``, which the kernel does not interleave for a pipe below 4 KiB. tqdm
+    flushes its own partial lines, so progress bars still draw."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def run_main(main: Callable[[], int | None]) -> None:
     """Run a script's ``main`` and turn expected failures into one line and an exit code.
 
-    SIGTERM is treated like Ctrl-C so that a killed job gets the same clean stop.
+    SIGTERM is treated like Ctrl-C so that a killed job gets the same clean stop. Every
+    line, from any process, is written whole (``write_whole_lines``).
     """
 
     def _terminate(signum, frame):
         raise KeyboardInterrupt
 
+    write_whole_lines()
     signal.signal(signal.SIGTERM, _terminate)
     keep_freed_memory()
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from src import distributed
 from src.demo import write_demo_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +28,27 @@ def run_script(script: str, *args, cwd: Path = ROOT, timeout: int = 300,
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def worker_command(stage: str, record: Path, *args, processes: int = 2,
+                   env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment that run ``stage`` through tests/ddp_worker.py:
+    under torchrun with ``processes`` > 1, as plain Python with 1. ``env`` may set the
+    worker's DDP_* variables (a kill or a stop at a chosen step)."""
+    record.mkdir(parents=True, exist_ok=True)
+    command = [*distributed.launcher(processes), "-m", "tests.ddp_worker", stage, *map(str, args)]
+    # One thread a process where two share the 2-core CI machine; one process alone runs
+    # as a script would, so its numbers match a plain run's.
+    threads = {"OMP_NUM_THREADS": "1"} if processes > 1 else {}
+    return command, {**os.environ, **threads, "DDP_RECORD": str(record), **(env or {})}
+
+
+def run_worker(stage: str, record: Path, *args, processes: int = 2, env: dict | None = None,
+               timeout: int = 300):
+    """``stage`` through tests/ddp_worker.py, to its end (``worker_command``)."""
+    command, environment = worker_command(stage, record, *args, processes=processes, env=env)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=environment)
 
 
 def assert_one_line_error(result, *fragments: str) -> None:

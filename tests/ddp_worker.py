@@ -11,6 +11,9 @@ Environment:
     DDP_TINY_MODEL  1: a small CNN without BatchNorm instead of --arch, so a sharded run
                     can match a single-process one to float rounding
     DDP_KILL        RANK:EPOCH:STEP: that rank kills itself (SIGKILL) at that step
+    DDP_STOP        RANK:EPOCH:STEP: that rank stops itself (SIGSTOP) there, until SIGCONT
+                    (the tests interrupt a run at a chosen step, not after a wait that a
+                    busy machine can stretch)
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ if os.environ.get("DDP_TINY_MODEL") == "1":
     # Also where checkpoints are rebuilt, so a KD student can load a tiny teacher.
     stages.build_model = models.build_model = tiny_model
 
-kill = os.environ.get("DDP_KILL")
+# The signal each rank sends itself, and the step (rank, epoch, step) it sends it at.
+SIGNAL_AT = {signal.SIGKILL: os.environ.get("DDP_KILL"),
+             signal.SIGSTOP: os.environ.get("DDP_STOP")}
 original_epoch, original_step, original_fit = trainer.train_one_epoch, trainer.train_step, \
     stages.fit
 
@@ -72,8 +77,9 @@ def train_one_epoch(*args, **kwargs):
 
 
 def train_step(trainer_module, views, batch, *args, **kwargs):
-    if kill and [RANK, current_epoch[0], steps[0]] == [int(part) for part in kill.split(":")]:
-        os.kill(os.getpid(), signal.SIGKILL)
+    for signal_number, at in SIGNAL_AT.items():
+        if at and [RANK, current_epoch[0], steps[0]] == [int(part) for part in at.split(":")]:
+            os.kill(os.getpid(), signal_number)
     steps[0] += 1
     rows_by_epoch.setdefault(current_epoch[0], []).extend(batch["index"].tolist())
     result = original_step(trainer_module, views, batch, *args, **kwargs)
@@ -89,7 +95,7 @@ def train_step(trainer_module, views, batch, *args, **kwargs):
 
 def fit(objective, images, cfg, stage_dir, runtime, meta, resume, **options):
     # A resumed run counts its epochs from where it starts.
-    current_epoch[0] = torch.load(Path(stage_dir) / "last.pt", weights_only=False)[
+    current_epoch[0] = torch.load(Path(stage_dir) / "last.pt", weights_only=True)[
         "state"]["epoch"] if resume else 0
     summary = original_fit(objective, images, cfg, stage_dir, runtime, meta, resume, **options)
     decisions.update({key: summary[key] for key in ("epochs_run", "best_epoch", "stopped_early")})

@@ -8,9 +8,7 @@ record per rank of the files it wrote, the rows it trained on and its final weig
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,24 +21,13 @@ from src.cli import ToolError
 from src.data import read_table
 from src.trainer import fit
 
-from conftest import ROOT, TINY_TRAIN_ARGS, run_script, tensorboard_events
+from conftest import ROOT, TINY_TRAIN_ARGS, run_script, run_worker, tensorboard_events
 
 # A sharded run matches a single-process one only where every sample is computed alone:
 # BatchNorm normalises each process's share by its own statistics (as in any DDP run
 # without SyncBatchNorm, which is CUDA-only). With the worker's BatchNorm-free model the
 # difference is float rounding of the gradient all-reduce: 3e-8 measured, 1e-6 allowed.
 ROUNDING = 1e-6
-
-
-def run_worker(stage: str, record, *args, processes: int = 2, env: dict | None = None,
-               timeout: int = 300):
-    """``stage`` through tests/ddp_worker.py, under torchrun with ``processes`` > 1."""
-    record.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        [*distributed.launcher(processes), "-m", "tests.ddp_worker", stage, *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        # One thread a process: two processes share the 2-core CI machine.
-        env={**os.environ, "OMP_NUM_THREADS": "1", "DDP_RECORD": str(record), **(env or {})})
 
 
 def assert_every_rank_refuses(result, message: str) -> None:

@@ -2,15 +2,12 @@
 
 import json
 import signal
-import subprocess
-import sys
-import time
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script, run_worker
 from src.arguments import jsonable, parse_train_arguments
 from src.stages import settings_differences
 
@@ -50,24 +47,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path, e
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _train_and_test(data, straight, *extra)
 
-    process = subprocess.Popen([sys.executable, str(ROOT / "train_student.py"),
-                                "--data-dir", str(data), "--out-dir", str(killed), *RESUME_ARGS,
-                                *extra],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = killed / "student" / "last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)    # after epoch 1 was saved, somewhere in epoch 2+
-    process.wait()
-    assert last.exists()
-    interrupted_epochs = len(pd.read_csv(killed / "student" / "history.csv"))
-    assert interrupted_epochs < 4, "the run finished before it could be killed"
+    # Killed at a chosen step (epoch 2's second batch), not after a wait a busy machine
+    # could stretch past the end of the run.
+    died = run_worker("student", tmp_path / "record", "--data-dir", data, "--out-dir", killed,
+                      *RESUME_ARGS, *extra, processes=1, env={"DDP_KILL": "0:2:1"})
+    assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
+    assert len(pd.read_csv(killed / "student" / "history.csv")) == 1
+    killed_pid = json.loads((killed / ".student.lock").read_text())["pid"]
 
     resumed = _train_and_test(data, killed, *extra, "--resume")
     assert "resuming after epoch" in resumed.stdout
     # The killed run's lock is taken over, and released at the end.
-    assert f"left by PID {process.pid} on" in resumed.stdout
+    assert f"left by PID {killed_pid} on" in resumed.stdout
     assert not (killed / ".student.lock").exists()
     metrics_straight, history_straight, best_straight = _outcome(straight)
     metrics_killed, history_killed, best_killed = _outcome(killed)

@@ -7,32 +7,28 @@ import platform
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import ROOT, TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from conftest import ROOT, TINY_TRAIN_ARGS, assert_one_line_error, run_script, run_worker, \
+    worker_command
 from src import runlock
 from src.cli import ToolError
 
 
-def _wait_for(path, process, seconds=120):
-    deadline = time.time() + seconds
-    while not path.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert path.exists(), "the first run never took its lock"
-
-
 def test_a_second_start_in_the_same_folder_is_refused_naming_the_first(tiny_data, tmp_path):
     out_dir = tmp_path / "run"
-    train = [sys.executable, str(ROOT / "train_teacher.py"), "--data-dir", str(tiny_data),
-             "--out-dir", str(out_dir), *TINY_TRAIN_ARGS]
-    first = subprocess.Popen(train, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+    # The first run stops itself at its first step, lock held: a chosen point, not a wait
+    # that a busy machine could stretch past the end of the run.
+    command, env = worker_command("teacher", tmp_path / "record", "--data-dir", tiny_data,
+                                  "--out-dir", out_dir, *TINY_TRAIN_ARGS, processes=1,
+                                  env={"DDP_STOP": "0:1:0"})
+    first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     lock = out_dir / ".teacher.lock"
     try:
-        _wait_for(lock, first)
-        first.send_signal(signal.SIGSTOP)     # hold it mid-run while the second one starts
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the first run ended before its first step"
         # Other settings: had it run, its config.json would sit beside the first's weights.
         second = run_script("train_teacher.py", "--data-dir", tiny_data, "--out-dir", out_dir,
                             *TINY_TRAIN_ARGS, "--lr", "5e-4")
@@ -50,19 +46,16 @@ def test_a_second_start_in_the_same_folder_is_refused_naming_the_first(tiny_data
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tiny_data, tmp_path):
     out_dir = tmp_path / "run"
-    killed = subprocess.Popen([sys.executable, str(ROOT / "train_teacher.py"), "--data-dir",
-                               str(tiny_data), "--out-dir", str(out_dir), *TINY_TRAIN_ARGS],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = run_worker("teacher", tmp_path / "record", "--data-dir", tiny_data, "--out-dir",
+                        out_dir, *TINY_TRAIN_ARGS, processes=1, env={"DDP_KILL": "0:1:0"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     lock = out_dir / ".teacher.lock"
-    _wait_for(lock, killed)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert json.loads(lock.read_text())["pid"] == killed.pid   # left behind
+    killed_pid = json.loads(lock.read_text())["pid"]            # left behind
 
     result = run_script("train_teacher.py", "--data-dir", tiny_data, "--out-dir", out_dir,
                         *TINY_TRAIN_ARGS, "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert f"note: took over {lock}, left by PID {killed.pid} on {platform.node()}, which " \
+    assert f"note: took over {lock}, left by PID {killed_pid} on {platform.node()}, which " \
            f"no longer runs" in result.stdout
     assert (out_dir / "teacher" / "best.pt").exists() and not lock.exists()
 

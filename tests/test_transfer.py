@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script, run_worker
 from src.data import IMAGENET_MEAN, IMAGENET_STD, ImageSet, load_or_create_split
 from src.demo import write_demo_dataset
 from src.distill import Distiller, HardLabels
@@ -22,7 +22,7 @@ from src.lr_render import DEGRADATIONS, box_downsample, degradation_errors, degr
 from src.transfer import StackedRows, add_unlabelled, choose_degradation, read_unlabelled, \
     unlabelled_batches
 from src.trainer import FitConfig, Runtime, fit
-from test_distributed import ranks, run_worker
+from test_distributed import ranks
 
 UNLABELLED = 32         # = the tiny split's 32 training images: one pass per epoch at ratio 1
 
