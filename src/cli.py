@@ -171,6 +171,31 @@ def save_torch(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def load_torch(path: Path, what: str) -> Any:
+    """A file written by ``save_torch``, loaded safely: only tensors and plain values are
+    unpickled (``weights_only``), so a planted pickle cannot run code. Anything else is
+    refused in one line naming ``what`` the file was for."""
+    import pickle
+    import re
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ToolError(f"{what} {path}: file not found") from None
+    except pickle.UnpicklingError as error:
+        # PyTorch's own message advises turning the safety off: never shown.
+        unsafe = re.search(r"unsupported GLOBAL (\S+)", str(error))
+        if unsafe:
+            raise ToolError(f"{what} {path} holds more than tensors and plain values "
+                            f"({unsafe.group(1)}), which this tool never writes; refused "
+                            f"(unpickling it could run code)") from None
+        raise ToolError(f"{what} {path} is not a readable checkpoint (not a PyTorch "
+                        f"file)") from None
+    except Exception as error:
+        text = str(error).strip()
+        reason = text.splitlines()[0] if text else type(error).__name__
+        raise ToolError(f"{what} {path} is not a readable checkpoint ({reason})") from None
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text())

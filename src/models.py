@@ -11,7 +11,7 @@ from torch import nn
 
 from . import backbones
 from .backbones import classifier_head
-from .cli import ToolError, save_torch
+from .cli import ToolError, load_torch, save_torch
 
 # Architectures we test (tests/test_models.py, tests/test_backbones.py); any other
 # torchvision classification model name, or timm:<name>, also works.
@@ -40,10 +40,7 @@ def build_model(arch: str, num_classes: int, weights: str = "none",
 def _read_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise ToolError(f"--weights {path}: file not found (use imagenet, none or a path)")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ToolError(f"--weights {path}: not a PyTorch weights file ({error})") from None
+    loaded = load_torch(path, "--weights")
     state = loaded.get("model", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
         raise ToolError(f"--weights {path}: holds no state dict")
@@ -101,11 +98,7 @@ def load_checkpoint(path: Path, classes: list[str] | None = None,
     path = Path(path)
     if not path.is_file():
         raise ToolError(f"{what} {path} not found (train that stage first)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
-        raise ToolError(f"{what} {path} is not a readable checkpoint ({reason})") from None
+    checkpoint = load_torch(path, what)
     required = ("model", "arch", "classes")
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):
         raise ToolError(f"{what} {path} is not a checkpoint of this tool "
@@ -133,8 +126,8 @@ def checkpoint_stage(path) -> str | None:
     """The stage (teacher, student, kd_student) that saved the checkpoint at ``path``; None
     for anything else (a missing, unreadable or foreign file: load_checkpoint names why)."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+        checkpoint = load_torch(path, "checkpoint")
+    except ToolError:
         return None
     return checkpoint.get("stage") if isinstance(checkpoint, dict) else None
 

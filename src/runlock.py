@@ -2,18 +2,18 @@
 
 Two commands training the same stage into the same ``--out-dir`` would both pass the
 "folder already holds a run" check and then write one run's ``config.json`` beside the
-other's weights. So a train stage first takes ``<out-dir>/.<stage folder>.lock``, a small
-JSON file naming the process that holds it; a second start refuses in one line, naming that
-process and host. A lock left behind by a process that no longer runs (killed, machine
-restarted) is taken over with a note. Under torchrun the lock belongs to the job: every rank
-of one job holds it together, and another job is refused.
-
-The file is created with ``os.link`` from a fully written temporary file, so it never exists
-half written and two starters cannot both create it.
+other's weights. So a train stage first takes ``<out-dir>/.<stage folder>.lock``: an
+exclusive ``fcntl.flock`` on that file, which the kernel releases when the process ends
+however it ends, so a killed run leaves nothing to take over and two starters cannot both
+win a race for a stale lock. The file names the holder (job, PID, host, start time), so a
+second start refuses in one line naming that process. Under torchrun the lock belongs to
+the job: the first rank to lock it writes the job's identity, the job's other ranks find it
+their own, and another job is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -24,24 +24,8 @@ from pathlib import Path
 from .cli import ToolError
 from .distributed import launched_by_torchrun
 
-
-def _read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def _start_ticks(pid: int) -> str | None:
-    """When ``pid`` started, in clock ticks since boot (Linux): a reused PID differs."""
-    stat = _read_text(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]   # field 22; the name before ")" may hold spaces
-
-
-def _boot_id() -> str | None:
-    return _read_text("/proc/sys/kernel/random/boot_id")
+# The lock files this process holds, by path: (open file, job). Closing one unlocks it.
+_held: dict[Path, tuple[int, str]] = {}
 
 
 def job_identity() -> str:
@@ -58,86 +42,88 @@ def job_identity() -> str:
 
 def _this_process() -> dict:
     return {"job": job_identity(), "pid": os.getpid(), "host": platform.node(),
-            "boot_id": _boot_id(), "start_ticks": _start_ticks(os.getpid()),
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def holder_is_gone(holder: dict) -> bool:
-    """True when the lock's process is known to have ended: same host, and the machine
-    restarted since, or no such PID, or that PID now belongs to a later process. A holder on
-    another host cannot be checked from here and counts as running."""
-    if holder.get("host") != platform.node():
-        return False
-    if holder.get("boot_id") and _boot_id() and holder["boot_id"] != _boot_id():
-        return True
-    pid = holder.get("pid")
-    if not isinstance(pid, int):
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:       # alive, another user's
-        return False
-    return bool(holder.get("start_ticks")) and _start_ticks(pid) != holder["start_ticks"]
-
-
-def _read_holder(lock: Path) -> dict | None:
-    try:
-        return json.loads(lock.read_text())
-    except FileNotFoundError:
+def _read_holder(fd: int) -> dict | None:
+    """What the open lock file says: None when empty (its holder has not written yet),
+    {} when unreadable."""
+    text = os.pread(fd, 1 << 16, 0)
+    if not text.strip():
         return None
-    except (OSError, ValueError):
-        return {}                 # unreadable: cannot be ours, cannot be checked
-
-
-def _write(lock: Path, me: dict, replace: bool) -> bool:
-    """Create (or with ``replace`` overwrite) ``lock`` atomically; False if it exists."""
-    staging = lock.with_name(f"{lock.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(me, indent=1))
     try:
-        if replace:
-            os.replace(staging, lock)
-            return True
-        os.link(staging, lock)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        staging.unlink(missing_ok=True)
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _lock_file(lock: Path) -> tuple[int, bool]:
+    """Open ``lock`` (created if missing) and try to lock it: (fd, locked). A file that
+    its holder removed while we opened it is opened again: a lock on a removed file would
+    hold nothing."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        try:
+            same_file = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            return fd, locked
+        os.close(fd)
 
 
 def acquire(lock: Path, what: str) -> dict:
     """Take ``lock`` for this job or raise a one-line ToolError naming who holds it.
-    Returns what the lock says (this process)."""
+    Returns what the lock says (this process, or the rank of this job that took it)."""
     me = _this_process()
-    for _ in range(3):            # a holder may release or a rank may write between steps
-        if _write(lock, me, replace=False):
+    for _ in range(100):          # the holder may not have written its name yet
+        fd, locked = _lock_file(lock)
+        holder = _read_holder(fd)
+        if locked:
+            if holder and holder.get("job") != me["job"]:
+                print(f"note: took over {lock}, left by PID {holder.get('pid')} on "
+                      f"{holder.get('host')}, which no longer runs")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me, indent=1).encode(), 0)
+            _held[lock] = (fd, me["job"])
             return me
-        holder = _read_holder(lock)
+        os.close(fd)
         if holder is None:
+            time.sleep(0.05)
             continue
         if holder.get("job") == me["job"]:
             return holder         # another rank of this very job took it
-        if holder and not holder_is_gone(holder):
-            raise ToolError(
-                f"{what} is being trained by another process (PID {holder.get('pid')} on "
-                f"{holder.get('host')}, since {holder.get('since')}); wait for it to end or "
-                f"use another --out-dir (if that process no longer runs, delete {lock})")
-        _write(lock, me, replace=True)
-        if (_read_holder(lock) or {}).get("job") == me["job"]:
-            print(f"note: took over {lock}, left by PID {holder.get('pid')} on "
-                  f"{holder.get('host')}, which no longer runs" if holder else
-                  f"note: replaced the unreadable lock {lock}")
-            return me
-    raise ToolError(f"could not take {lock}: other processes keep changing it")
+        raise ToolError(
+            f"{what} is being trained by another process (PID {holder.get('pid')} on "
+            f"{holder.get('host')}, since {holder.get('since')}); wait for it to end or "
+            f"use another --out-dir ({lock} is locked while it runs)")
+    raise ToolError(f"could not take {lock}: it stays locked by a process that never "
+                    f"names itself")
 
 
 def release(lock: Path) -> None:
-    """Remove ``lock`` if this job holds it (never another job's)."""
-    holder = _read_holder(lock)
-    if holder and holder.get("job") == job_identity():
+    """Remove ``lock`` if this job holds it (never another job's), and unlock it."""
+    job = job_identity()
+    if lock in _held and _held[lock][1] == job:
+        fd, _ = _held.pop(lock)
         lock.unlink(missing_ok=True)
+        os.close(fd)              # unlocked only once the file is gone
+        return
+    try:                          # taken by another rank of this job
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        if (_read_holder(fd) or {}).get("job") == job:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

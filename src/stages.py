@@ -25,8 +25,8 @@ import torch
 from .arguments import STAGES, check_arguments, figures_dir, jsonable, parse_train_arguments, \
     preset_overrides, test_parser
 from . import distributed
-from .cli import ToolError, ensure_writable_dir, pick_device, read_json, run_record, save_torch, \
-    write_csv, write_json
+from .cli import ToolError, ensure_writable_dir, load_torch, pick_device, read_json, \
+    run_record, save_torch, write_csv, write_json
 from .backbones import is_transformer, library_of, library_version
 from .data import ImageSet, load_or_create_split, pair_scale
 from .lr_render import LR_RENDER_TOLERANCE, lr_render_error
@@ -466,7 +466,7 @@ def _teacher_logits(teacher, teacher_meta: dict, teacher_ckpt: Path, resolution:
     cache_file = cache_dir / f"teacher-logits-{digest.hexdigest()[:16]}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():
         print(f"teacher logits from {cache_file}")
-        return torch.load(cache_file, weights_only=True)
+        return load_torch(cache_file, "teacher logits cache")
     images, _ = load([resolution])
     result = evaluate(HardLabels(teacher, resolution).to(runtime.device), images,
                       np.arange(len(images.labels)), {resolution: int(teacher_meta["input_size"])},

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .backbones import layer_scales
-from .cli import ToolError, progress_bar, save_torch, write_csv, write_json
+from .cli import ToolError, load_torch, progress_bar, save_torch, write_csv, write_json
 from .data import ImageSet, batch_indices, epoch_generator, iterate_batches, make_views, \
     sample_view_params, view_grid
 from .lr_render import render_lr_from_hr
@@ -410,8 +410,8 @@ def _save_last(path: Path, objective, optimizer, scheduler, state: dict, finishe
 
 
 def _restore(path: Path, objective, optimizer, scheduler) -> dict:
+    saved = load_torch(path, "cannot resume: checkpoint")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
         # The frozen teachers are not in last.pt (they have their own checkpoints).
         loaded = objective.load_state_dict(saved["objective"], strict=False)
         missing = [key for key in loaded.missing_keys if not key.startswith(FROZEN_PREFIXES)]
@@ -419,7 +419,7 @@ def _restore(path: Path, objective, optimizer, scheduler) -> dict:
             raise KeyError(f"model keys do not match: {(missing + loaded.unexpected_keys)[:3]}")
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-    except (OSError, RuntimeError, KeyError, ValueError) as error:
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ToolError(f"cannot resume from {path} ({first}); use --overwrite to start "
                         f"again") from None
@@ -437,7 +437,7 @@ def run_status(stage_dir: Path) -> str:
     if (Path(stage_dir) / "train_summary.json").exists():
         return "finished"
     try:
-        finished = torch.load(last, map_location="cpu", weights_only=False).get("finished")
-    except Exception:
-        return "unfinished"
-    return "finished" if finished else "unfinished"
+        saved = load_torch(last, "last.pt")
+    except ToolError:
+        return "unfinished"     # a resume names the problem, in one line
+    return "finished" if isinstance(saved, dict) and saved.get("finished") else "unfinished"

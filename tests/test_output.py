@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT
 
 REFUSALS = 2000
-MESSAGE = "--batch-size 3 is the global batch: it must give each of the 2 processes at least 2 images"
+MESSAGE = ("--batch-size 3 is the global batch: it must give each of the 2 processes at least "
+           "2 images")
 
 # Each process refuses REFUSALS times through run_main, the path every script's error
 # takes, and prints a note to stdout each time, as two ranks refusing a flag do at once.

@@ -101,7 +101,7 @@ def test_resume_refuses_other_settings_and_finished_runs(finished_run, tmp_path)
 
     # Make it look interrupted: an unfinished run resumed with another learning rate.
     last = run / "student" / "last.pt"
-    state = torch.load(last, weights_only=False)
+    state = torch.load(last, weights_only=True)
     state["finished"] = False
     torch.save(state, last)
     (run / "student" / "train_summary.json").unlink()

@@ -1,0 +1,112 @@
+"""What a run folder, a checkpoint or a record can make the tool do: never run code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, TINY_TRAIN_ARGS, assert_one_line_error, run_script, run_worker
+
+OLD_RUN = ROOT / "tests" / "fixtures" / "resume_586846d"
+# The settings tests/fixtures/resume_586846d was recorded with (ddp_worker, its tiny model,
+# killed in epoch 2), before checkpoints were loaded with weights_only=True.
+OLD_RUN_ARGS = ["--arch", "resnet18", "--weights", "none", "--input-size", "16", "--epochs",
+                "3", "--batch-size", "8", "--lr", "1e-3", "--deterministic", "--schedule",
+                "cosine", "--warmup-epochs", "1", "--select-by", "last", "--mixup", "0.4",
+                "--cutmix", "1.0"]
+
+
+class RunsCode:
+    """Unpickling it runs a shell command: what a planted checkpoint would hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def plant(path: Path, marker: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"finished": False, "payload": RunsCode(f"touch {marker}")}, path)
+
+
+@pytest.mark.fast
+def test_no_checkpoint_is_unpickled_with_code_allowed():
+    sources = [path for folder in ("src", "tests") for path in (ROOT / folder).rglob("*.py")]
+    sources += list(ROOT.glob("*.py"))
+    unsafe = [str(path) for path in sources
+              if "weights_only=" + "False" in path.read_text()]
+    assert not unsafe
+
+
+def test_a_planted_last_pt_runs_no_code(finished_run, tmp_path):
+    """A run folder as another user could leave it: a real teacher run, its last.pt
+    replaced by a pickle that runs a command, so that the run looks interrupted."""
+    data_dir, finished_dir, _, _ = finished_run
+    marker, out_dir = tmp_path / "marker", tmp_path / "run"
+    shutil.copytree(finished_dir, out_dir, ignore=shutil.ignore_patterns("*student*"))
+    (out_dir / "teacher" / "train_summary.json").unlink()
+    plant(out_dir / "teacher" / "last.pt", marker)
+    config = json.loads((out_dir / "teacher" / "config.json").read_text())
+    config["args"]["out_dir"] = str(out_dir)
+    (out_dir / "teacher" / "config.json").write_text(json.dumps(config))
+    # A plain start looks at the folder (is it a finished run?): it must not unpickle it.
+    result = run_script("train_teacher.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                        *TINY_TRAIN_ARGS)
+    assert not marker.exists()
+    assert_one_line_error(result, "--resume")
+    result = run_script("train_teacher.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                        *TINY_TRAIN_ARGS, "--resume")
+    assert not marker.exists()
+    assert_one_line_error(result, f"{out_dir / 'teacher' / 'last.pt'} holds more than "
+                                  f"tensors and plain values", "refused")
+    assert "weights_only" not in result.stderr
+
+
+@pytest.mark.fast
+def test_a_planted_checkpoint_is_refused_in_one_line_everywhere(tmp_path):
+    from src.cli import ToolError, load_torch
+    from src.models import checkpoint_stage, load_checkpoint
+    from src.trainer import run_status
+    marker = tmp_path / "marker"
+    planted = tmp_path / "stage" / "last.pt"
+    plant(planted, marker)
+    assert run_status(planted.parent) == "unfinished"
+    assert checkpoint_stage(planted) is None
+    for load in (lambda: load_checkpoint(planted, what="teacher checkpoint"),
+                 lambda: load_torch(planted, "--weights")):
+        with pytest.raises(ToolError, match="holds more than tensors and plain values") as error:
+            load()
+        assert "weights_only" not in str(error.value) and "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+def test_a_last_pt_recorded_before_the_safe_loader_still_resumes(tiny_data, tmp_path):
+    """tests/fixtures/resume_586846d: a run killed in epoch 2 of 3, its last.pt written by
+    the code of commit 586846d (cosine schedule, mixing: every kind of state last.pt
+    keeps). Resumed now, it must end exactly as the same run trained without a stop."""
+    old = Path(shutil.copytree(OLD_RUN, tmp_path / "old"))
+    config = json.loads((old / "student" / "config.json").read_text())
+    config["args"].update(data_dir=str(tiny_data), out_dir=str(old))
+    (old / "student" / "config.json").write_text(json.dumps(config))
+    tiny = {"DDP_TINY_MODEL": "1"}
+    resumed = run_worker("student", tmp_path / "record-old", "--data-dir", tiny_data,
+                         "--out-dir", old, *OLD_RUN_ARGS, "--resume", processes=1, env=tiny)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch 1" in resumed.stdout
+    straight = run_worker("student", tmp_path / "record-straight", "--data-dir", tiny_data,
+                          "--out-dir", tmp_path / "straight", *OLD_RUN_ARGS, processes=1,
+                          env=tiny)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    histories = [pd.read_csv(run / "student" / "history.csv").drop(columns=["seconds"])
+                 for run in (old, tmp_path / "straight")]
+    pd.testing.assert_frame_equal(*histories)
