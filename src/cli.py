@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import io
 import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,18 +144,53 @@ def split_passthrough(argv: list[str], reserved: set[str], who: str) -> tuple[li
 # Every result file is written to a temporary file beside it and renamed over the old one,
 # so a crash or a full disk mid-write leaves the previous good file in place.
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files are created as open() would: read-write for all, less the umask (mkstemp's 0600
+# would keep a colleague on a shared machine from reading the results).
+FILE_MODE = 0o666 & ~_umask()
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` survive a power cut (the folder's entry on disk)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                      # some file systems cannot sync a folder
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
         write(tmp_path)
+        with open(tmp_path, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            raise ToolError(f"cannot write {path}: the disk or quota is full "
+                            f"({_free_space(path.parent)}); the previous file, if any, is "
+                            f"untouched") from None
         raise
+    _sync_folder(path.parent)
+
+
+def _free_space(folder: Path) -> str:
+    return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder}"
 
 
 def write_text(path: Path, text: str) -> None:
@@ -168,7 +206,11 @@ def write_csv(path: Path, frame) -> None:
 
 
 def save_torch(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    # Serialised in memory first: torch.save's own file writer reports a full disk as a
+    # cryptic RuntimeError ("inline_container.cc"), a plain write as ENOSPC or EDQUOT.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def load_torch(path: Path, what: str) -> Any:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from .cli import ToolError, atomic_write, progress_bar, read_json, write_csv, write_json
+from .cli import DISK_FULL, ToolError, atomic_write, progress_bar, read_json, write_csv, write_json
 
 TRAIN_COLUMNS = ("img_path", "upscale_img_path", "label")
 TEST_COLUMNS = ("ID", "img_path")
@@ -318,43 +318,111 @@ def load_images(data_dir: Path, relative_paths, cache_dir: Path | None, descript
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_file = cache_dir / f"{description}-{_content_fingerprint(paths, description)}.npy"
-    size = math.prod(shape)
-    if not cache_file.exists():
-        free = shutil.disk_usage(cache_dir).free
-        if free < size * 1.05:
-            if not quiet:
-                print(f"note: {cache_dir} has {free / 2**30:.1f} GiB free, the {description} "
-                      f"cache needs {size / 2**30:.1f} GiB: decoding into memory only")
-            pixels = np.empty(shape, dtype=np.uint8)
-            _decode_all(paths, pixels, description)
+    if cache_file.exists():
+        pixels = _read_cache(cache_file, shape, memory_map, description, quiet)
+        if pixels is not None:
             return pixels
-        # A name of this process's own: processes of several nodes sharing a cache folder
-        # may decode at once; each renames a complete file into place.
-        partial = cache_file.with_name(f"{cache_file.stem}.{socket.gethostname()}-"
-                                       f"{os.getpid()}.partial.npy")
-        pixels = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-        try:
-            _decode_all(paths, pixels, description)
-            pixels.flush()
-        except BaseException:
-            del pixels
-            partial.unlink(missing_ok=True)
-            raise
+    pixels = _write_cache(cache_file, paths, shape, description, quiet)
+    if pixels is not None:        # no room on disk: decoded into memory
+        return pixels
+    return _read_cache(cache_file, shape, memory_map, description, quiet)
+
+
+def _write_cache(cache_file: Path, paths: list[Path], shape: tuple, description: str,
+                 quiet: bool) -> np.ndarray | None:
+    """Decode the images into ``cache_file``; where the disk has no room for it, into
+    memory instead (returned)."""
+    size = math.prod(shape)
+    _remove_dead_partials(cache_file)
+    # A name of this process's own: processes of several nodes sharing a cache folder may
+    # decode at once; each renames a complete file into place.
+    partial = cache_file.with_name(f"{cache_file.stem}.{socket.gethostname()}-"
+                                   f"{os.getpid()}.partial.npy")
+    pixels = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+        # The map is sparse: without its blocks reserved, a disk or quota that fills while
+        # decoding kills the process with SIGBUS and no word.
+        _reserve(partial)
+    except OSError as error:
         del pixels
-        os.replace(partial, cache_file)
+        partial.unlink(missing_ok=True)
+        if error.errno not in DISK_FULL:
+            raise
         if not quiet:
-            print(f"cached {len(paths)} {description} images "
-                  f"({size / 2**20:.0f} MiB) -> {cache_file}")
-    if memory_map:
-        return np.load(cache_file, mmap_mode="r")
+            print(f"note: no room for the {description} cache {cache_file} (needs "
+                  f"{size / 2**30:.2f} GiB; {shutil.disk_usage(cache_file.parent).free / 2**30:.2f}"
+                  f" GiB free, or a quota is full): decoding into memory only")
+        pixels = np.empty(shape, dtype=np.uint8)
+        _decode_all(paths, pixels, description)
+        return pixels
+    try:
+        _decode_all(paths, pixels, description)
+        pixels.flush()
+        with open(partial, "rb+") as written:
+            os.fsync(written.fileno())
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        del pixels                # unmapped before the rename or the removal
+    os.replace(partial, cache_file)
+    if not quiet:
+        print(f"cached {len(paths)} {description} images "
+              f"({size / 2**20:.0f} MiB) -> {cache_file}")
+    return None
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of ``path`` now (ENOSPC or EDQUOT here, not SIGBUS later)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _remove_dead_partials(cache_file: Path) -> None:
+    """Remove half-written caches of this host's processes that no longer run (killed
+    while decoding): they hold disk space and are never read."""
+    host = socket.gethostname()
+    for partial in cache_file.parent.glob(f"{cache_file.stem}.{host}-*.partial.npy"):
+        pid = partial.name[:-len(".partial.npy")].rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_runs(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_cache(cache_file: Path, shape: tuple, memory_map: bool, description: str,
+                quiet: bool) -> np.ndarray | None:
+    """The cached images; None (the file removed, to be rebuilt) when the file is not a
+    complete cache of ``shape``: a disk error or an edit can leave it so."""
+    size = math.prod(shape)
     available = _available_memory()
-    if available is not None and size > available / 2:
-        if not quiet:
-            print(f"note: the {description} cache ({size / 2**30:.1f} GiB) is more than half "
-                  f"the available memory ({available / 2**30:.1f} GiB): reading it from disk "
-                  f"(memory-mapped); epochs will be slower")
-        return np.load(cache_file, mmap_mode="r")
-    return np.load(cache_file)
+    mapped = memory_map or (available is not None and size > available / 2)
+    try:
+        pixels = np.load(cache_file, mmap_mode="r" if mapped else None)
+        if pixels.shape != shape or pixels.dtype != np.uint8:
+            raise ValueError(f"holds {pixels.dtype} {pixels.shape}, not uint8 {shape}")
+    except (OSError, ValueError, EOFError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unreadable"
+        print(f"note: the {description} cache {cache_file} is damaged ({reason}): "
+              f"removed, decoding the images again")
+        cache_file.unlink(missing_ok=True)
+        return None
+    if mapped and not memory_map and not quiet:
+        print(f"note: the {description} cache ({size / 2**30:.1f} GiB) is more than half "
+              f"the available memory ({available / 2**30:.1f} GiB): reading it from disk "
+              f"(memory-mapped); epochs will be slower")
+    return pixels
 
 
 def _available_memory() -> int | None:

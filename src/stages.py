@@ -87,9 +87,30 @@ def _prepare_stage_dir(stage_dir: Path, args) -> str:
         article = "an" if status == "unfinished" else "a"
         raise ToolError(f"{stage_dir} already holds {article} {status} run; pass --resume to "
                         f"continue it or --overwrite to replace it")
+    if args.overwrite and not _made_by_this_tool(stage_dir):
+        raise ToolError(f"--overwrite: {stage_dir} holds files this tool did not write (no "
+                        f"run record config.json); nothing deleted: move them or use another "
+                        f"--out-dir")
     # With --overwrite the old run is deleted only once every input has loaded
     # (_clear_for_overwrite), so a bad input never costs the earlier results.
     return "none" if args.overwrite else status
+
+
+def _made_by_this_tool(stage_dir: Path) -> bool:
+    """Whether --overwrite may delete ``stage_dir``: missing or empty, or a run folder of
+    this tool (its config.json is a run record). Anything else may be a user's own folder
+    that happens to carry a stage's name."""
+    if not stage_dir.exists():
+        return True
+    if not stage_dir.is_dir():
+        return False
+    if not any(stage_dir.iterdir()):
+        return True
+    try:
+        record = json.loads((stage_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"args", "command", "versions"} <= record.keys()
 
 
 def _clear_for_overwrite(stage_dir: Path, args) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -110,3 +111,111 @@ def test_a_last_pt_recorded_before_the_safe_loader_still_resumes(tiny_data, tmp_
     histories = [pd.read_csv(run / "student" / "history.csv").drop(columns=["seconds"])
                  for run in (old, tmp_path / "straight")]
     pd.testing.assert_frame_equal(*histories)
+
+
+# --- what --overwrite may delete ------------------------------------------------------
+
+def test_overwrite_deletes_only_a_folder_this_tool_wrote(tiny_data, tmp_path):
+    """``--out-dir ~/thesis --overwrite`` where ~/thesis/teacher is the user's own folder."""
+    own = tmp_path / "thesis" / "teacher"
+    own.mkdir(parents=True)
+    (own / "chapter1.tex").write_text("months of work")
+    result = run_script("train_teacher.py", "--data-dir", tiny_data, "--out-dir",
+                        tmp_path / "thesis", *TINY_TRAIN_ARGS, "--overwrite")
+    assert_one_line_error(result, f"--overwrite: {own} holds files this tool did not write",
+                          "nothing deleted")
+    assert (own / "chapter1.tex").read_text() == "months of work"
+
+
+@pytest.mark.fast
+def test_overwrite_knows_a_run_folder_of_this_tool(tmp_path):
+    from src.cli import run_record, write_json
+    from src.stages import _made_by_this_tool
+    assert _made_by_this_tool(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    assert _made_by_this_tool(tmp_path / "empty")
+    (tmp_path / "a file").write_text("")
+    assert not _made_by_this_tool(tmp_path / "a file")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"some": "other tool"}')
+    assert not _made_by_this_tool(foreign)
+    write_json(tmp_path / "run" / "config.json", run_record({"seed": 0}))
+    assert _made_by_this_tool(tmp_path / "run")
+
+
+# --- files: permissions, a full disk, a damaged cache -----------------------------------
+
+@pytest.mark.fast
+def test_result_files_get_the_umasks_permissions(tmp_path):
+    from src.cli import write_json
+    write_json(tmp_path / "record.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "record.json").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a disk that fills. Needs root (CI and this project's machines run
+    as root)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr.strip()}"
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.mark.fast
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_file(small_disk):
+    from src.cli import ToolError, save_torch
+    checkpoint = small_disk / "last.pt"
+    save_torch(checkpoint, {"weights": torch.zeros(1000)})
+    before = checkpoint.read_bytes()
+    with pytest.raises(ToolError, match=f"cannot write {checkpoint}: the disk or quota is "
+                                        f"full .*MiB free") as error:
+        save_torch(checkpoint, {"weights": torch.zeros(1_000_000)})     # 4 MB
+    assert "\n" not in str(error.value) and "inline_container" not in str(error.value)
+    assert checkpoint.read_bytes() == before
+    assert [path.name for path in small_disk.iterdir()] == ["last.pt"]  # no temporary left
+
+
+@pytest.mark.fast
+def test_an_image_cache_with_no_room_decodes_into_memory(tiny_data, small_disk, tmp_path,
+                                                         capsys):
+    """Before, the cache was a sparse file: a disk that filled while decoding killed the
+    process with SIGBUS. Now its blocks are reserved first."""
+    from src.data import load_images, load_or_create_split
+    split = load_or_create_split(tiny_data, tmp_path, seed=0, quiet=True)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 2**20 - 40_000))   # leaves less than the cache needs
+    paths = split.frame["upscale_img_path"].tolist()
+    pixels = load_images(tiny_data, paths, small_disk, "HR")
+    assert f"note: no room for the HR cache {small_disk}" in capsys.readouterr().out
+    direct = load_images(tiny_data, paths, None, "HR")
+    assert np.array_equal(pixels, direct)
+    assert sorted(path.name for path in small_disk.iterdir()) == ["filler"]
+
+
+@pytest.mark.fast
+def test_a_damaged_cache_is_named_and_rebuilt_and_dead_partials_removed(tiny_data, tmp_path,
+                                                                       capsys):
+    from src.data import load_images, load_or_create_split
+    split = load_or_create_split(tiny_data, tmp_path, seed=0, quiet=True)
+    paths = split.frame["img_path"].tolist()
+    cache = tmp_path / "cache"
+    good = load_images(tiny_data, paths, cache, "LR")
+    cache_file = next(cache.glob("LR-*.npy"))
+    # A killed decode's leftover, of a process that no longer runs.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    leftover = cache / f"{cache_file.stem}.{platform.node()}-{ended.pid}.partial.npy"
+    leftover.write_bytes(b"half")
+    cache_file.write_bytes(cache_file.read_bytes()[:200])      # truncated
+    capsys.readouterr()
+    again = load_images(tiny_data, paths, cache, "LR")
+    assert f"note: the LR cache {cache_file} is damaged" in capsys.readouterr().out
+    assert np.array_equal(good, again)
+    assert sorted(path.name for path in cache.iterdir()) == [cache_file.name]
