@@ -9,6 +9,7 @@ twin of exactly the view the student sees.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import math
 import os
@@ -107,7 +108,8 @@ class Split:
     frame: pd.DataFrame
     classes: list[str]
     seed: int
-    fingerprint: str
+    fingerprint: str              # the rows and which subset each is in (assignment_fingerprint)
+    data_fingerprint: str = ""    # the rows alone: what checkpoints before 2026-12 recorded
 
     def rows(self, subset: str) -> pd.DataFrame:
         return self.frame[self.frame["subset"] == subset]
@@ -124,6 +126,13 @@ class Split:
     def label_ids(self) -> np.ndarray:
         lookup = {name: index for index, name in enumerate(self.classes)}
         return self.frame["label"].map(lookup).to_numpy(dtype=np.int64)
+
+
+def assignment_fingerprint(frame: pd.DataFrame) -> str:
+    """The split's identity: its rows and the subset each went to. Two splits of the same
+    data made with another seed differ here, so a teacher trained on one is never taken
+    for a teacher of the other (it trained on the other's validation and test rows)."""
+    return table_fingerprint(frame.sort_values("img_path"), (*TRAIN_COLUMNS, "subset"))
 
 
 def table_fingerprint(frame: pd.DataFrame, columns) -> str:
@@ -175,6 +184,16 @@ def load_or_create_split(data_dir: Path, out_dir: Path, seed: int, quiet: bool =
     otherwise split ``train.csv`` (or a balanced subset of ``per_class`` images of each
     class) and save it, so every stage sees the same images."""
     table = read_train_table(data_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    # Stages started at once in one --out-dir (say, with different seeds) take turns: the
+    # second reuses the split the first wrote instead of writing its own over it.
+    with open(Path(out_dir) / ".split.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _load_or_create_split(table, data_dir, out_dir, seed, quiet, per_class)
+
+
+def _load_or_create_split(table: pd.DataFrame, data_dir: Path, out_dir: Path, seed: int,
+                          quiet: bool, per_class: int | None) -> Split:
     split_json, split_csv = (Path(out_dir) / name for name in SPLIT_FILES)
     data_fingerprint = table_fingerprint(table.sort_values("img_path"), TRAIN_COLUMNS)
     if split_csv.exists():
@@ -192,7 +211,7 @@ def load_or_create_split(data_dir: Path, out_dir: Path, seed: int, quiet: bool =
             print(f"note: reusing {split_csv} (made with seed {meta.get('seed')}); "
                   f"--seed {seed} sets initialisation and data order only")
         return Split(saved, list(meta["classes"]), int(meta["seed"]),
-                     meta.get("fingerprint", data_fingerprint))
+                     assignment_fingerprint(saved), meta.get("fingerprint", data_fingerprint))
     if per_class is not None:
         table = balanced_subset(table, per_class, seed)
     frame = make_split(table, seed)
@@ -208,7 +227,7 @@ def load_or_create_split(data_dir: Path, out_dir: Path, seed: int, quiet: bool =
         print(f"split {len(frame)} images of {len(classes)} classes into "
               + ", ".join(f"{name} {counts.get(name, 0)}" for name in SUBSETS)
               + f" (seed {seed}) -> {split_csv}")
-    return Split(frame, classes, seed, data_fingerprint)
+    return Split(frame, classes, seed, assignment_fingerprint(frame), data_fingerprint)
 
 
 def copy_split(from_dir: Path, to_dir: Path) -> None:

@@ -256,6 +256,7 @@ def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
     with distributed.main_process_first():
         split = load_or_create_split(args.data_dir, out_dir, args.seed,
                                      per_class=args.split_per_class)
+    _check_init_weights(args, split)
     if args.final_fit:
         split = split.all_for_training()
     teachers = _load_teachers(args, split) if stage == "kd_student" else Teachers()
@@ -273,7 +274,8 @@ def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
             "library_version": library_version(args.arch), "classes": split.classes,
             "resolution": STAGES[stage]["resolution"], "input_size": args.input_size,
             "image_size": data.images.image_size(STAGES[stage]["resolution"]),
-            "seed": args.seed, "split_fingerprint": split.fingerprint}
+            "seed": args.seed, "split_fingerprint": split.fingerprint,
+            "final_fit": bool(args.final_fit)}
     trackers = Trackers(args, stage_dir, f"{out_dir.name}/{stage_dir.name}", record, "train",
                         enabled=context.is_main)
     try:
@@ -313,11 +315,56 @@ def _load_teachers(args, split) -> Teachers:
     resolution = "lr" if args.pseudo_teacher else "hr"
     teachers = Teachers(resolution=resolution,
                         checkpoints=list(args.pseudo_teacher or args.teacher_ckpt))
+    what = "teacher checkpoint" if resolution == "hr" else "--pseudo-teacher checkpoint"
     for ckpt in teachers.checkpoints:
         teacher, meta = load_teacher(ckpt, split.classes, resolution)
+        check_same_split(what, ckpt, meta, split, final_fit=args.final_fit)
         teachers.models.append(teacher)
         teachers.metas.append(meta)
     return teachers
+
+
+def is_final_fit(ckpt: Path, meta: dict) -> bool:
+    """Whether the checkpoint is a ``--final-fit`` (trained on every labelled row): marked
+    in its meta, or for one saved before the mark, in the run record beside it."""
+    if "final_fit" in meta:
+        return bool(meta["final_fit"])
+    try:
+        return bool(json.loads((Path(ckpt).parent / "config.json").read_text())
+                    ["args"].get("final_fit"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def check_same_split(what: str, ckpt: Path, meta: dict, split, final_fit: bool) -> None:
+    """A model another stage builds on (a teacher, ``--weights teacher``) must have been
+    trained on this very split, and be a final fit only for a final fit: otherwise it has
+    seen images the new model is selected or scored on."""
+    theirs = meta.get("split_fingerprint")
+    if theirs == split.data_fingerprint and theirs != split.fingerprint:
+        print(f"note: {what} {ckpt} was saved before splits recorded which rows went where; "
+              f"it was trained on these rows, but whether on this very split cannot be checked")
+    elif theirs != split.fingerprint:
+        raise ToolError(f"{what} {ckpt} was trained on another split than this --out-dir's "
+                        f"split.csv (another --seed, --split-per-class or data), so it may have "
+                        f"trained on this split's validation and test images; train it in "
+                        f"this --out-dir")
+    if is_final_fit(ckpt, meta) and not final_fit:
+        raise ToolError(f"{what} {ckpt} is a final fit: it trained on this split's validation "
+                        f"and test images, which this run is selected and scored on; use the "
+                        f"split's own run, or --final-fit this one too")
+
+
+def _check_init_weights(args, split) -> None:
+    """``--weights`` from a model this tool trained on these classes (``--weights teacher``
+    and its like): of this very split, like a teacher. A file from other data is a
+    pretrained start, not checked."""
+    if args.weights in ("imagenet", "none"):
+        return
+    meta = load_torch(args.weights, "--weights")
+    if isinstance(meta, dict) and "split_fingerprint" in meta \
+            and list(meta.get("classes", [])) == list(split.classes):
+        check_same_split("--weights", args.weights, meta, split, final_fit=args.final_fit)
 
 
 def _build_student(args, split) -> torch.nn.Module:
@@ -543,6 +590,12 @@ def test_stage(stage: str, split, args, ckpt: Path | None = None,
     stage_dir = out_dir / stage
     ckpt = ckpt or stage_dir / "best.pt"
     model, meta = load_checkpoint(ckpt, classes=split.classes, what=f"{stage} checkpoint")
+    if is_final_fit(ckpt, meta):
+        raise ToolError(f"{stage} checkpoint {ckpt} is a final fit: it trained on the split's "
+                        f"test images, so a test score would count images it learned; score "
+                        f"the split's own run ({stage_dir / 'best.pt'}), and use predict.py for "
+                        f"test.csv")
+    check_same_split(f"{stage} checkpoint", ckpt, meta, split, final_fit=False)
     resolution = meta["resolution"]
     device = pick_device(args.device)
     runtime = runtime_for(args, device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +212,7 @@ def add_unlabelled(images: ImageSet, source: UnlabelledSource, resolutions, degr
     rows[name] = [source.paths["hr" if "hr" in source.paths else "lr"][row] for row in keep]
     rows["subset"] = UNLABELLED
     frame = pd.concat([images.split.frame, rows], ignore_index=True)
-    split = Split(frame, images.split.classes, images.split.seed, images.split.fingerprint)
+    split = replace(images.split, frame=frame)
     stacked = {resolution: StackedRows([images.pixels[resolution],
                                         pixels[resolution][keep]])
                for resolution in resolutions}

@@ -219,3 +219,72 @@ def test_a_damaged_cache_is_named_and_rebuilt_and_dead_partials_removed(tiny_dat
     assert f"note: the LR cache {cache_file} is damaged" in capsys.readouterr().out
     assert np.array_equal(good, again)
     assert sorted(path.name for path in cache.iterdir()) == [cache_file.name]
+
+
+# --- no score from images a model trained on ------------------------------------------
+
+FINAL_FIT = ["--final-fit", "--schedule", "cosine", "--select-by", "last"]
+
+
+def test_a_final_fit_is_never_scored_on_the_splits_test_images(finished_run, tmp_path):
+    data_dir, finished_dir, _, _ = finished_run
+    out_dir = Path(shutil.copytree(finished_dir, tmp_path / "run"))
+    trained = run_script("train_teacher.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                         *TINY_TRAIN_ARGS, *FINAL_FIT)
+    assert trained.returncode == 0, trained.stderr
+    final = out_dir / "teacher_final" / "best.pt"
+    assert torch.load(final, weights_only=True)["final_fit"] is True
+    assert json.loads((final.parent / "config.json").read_text())["args"]["final_fit"]
+    metrics = out_dir / "teacher" / "test_metrics.json"
+    before = metrics.read_bytes()
+    result = run_script("test_teacher.py", "--data-dir", data_dir, "--out-dir", out_dir,
+                        "--ckpt", final)
+    assert_one_line_error(result, f"teacher checkpoint {final} is a final fit",
+                          "use predict.py for test.csv")
+    assert metrics.read_bytes() == before            # the split run's score, untouched
+    # A KD student selected and scored on the split cannot learn from it either; a final
+    # fit of the student can.
+    student = run_script("train_kd_student.py", "--data-dir", data_dir, "--out-dir",
+                         tmp_path / "kd", *TINY_TRAIN_ARGS, "--teacher-ckpt", final)
+    assert_one_line_error(student, f"teacher checkpoint {final} is a final fit")
+    final_student = run_script("train_kd_student.py", "--data-dir", data_dir, "--out-dir",
+                               out_dir, *TINY_TRAIN_ARGS, *FINAL_FIT, "--teacher-ckpt", final)
+    assert final_student.returncode == 0, final_student.stderr
+
+
+@pytest.mark.fast
+def test_a_final_fit_saved_before_the_mark_is_known_by_its_record(tmp_path):
+    from src.stages import is_final_fit
+    (tmp_path / "config.json").write_text(json.dumps({"args": {"final_fit": True}}))
+    assert is_final_fit(tmp_path / "best.pt", {})
+    assert not is_final_fit(tmp_path / "best.pt", {"final_fit": False})
+    assert not is_final_fit(tmp_path / "elsewhere" / "best.pt", {})
+
+
+def test_a_teacher_of_another_split_is_refused(finished_run, tmp_path):
+    """Same data, another --seed: another assignment of rows to train/val/test, so the
+    teacher trained on some of this split's validation and test images."""
+    data_dir, finished_dir, _, _ = finished_run
+    teacher = finished_dir / "teacher" / "best.pt"
+    other = ["--data-dir", data_dir, "--out-dir", tmp_path / "seed1", *TINY_TRAIN_ARGS,
+             "--seed", "1"]
+    result = run_script("train_kd_student.py", *other, "--teacher-ckpt", teacher)
+    assert_one_line_error(result, f"teacher checkpoint {teacher} was trained on another split",
+                          "validation and test images")
+    result = run_script("train_student.py", *other, "--weights", teacher)
+    assert_one_line_error(result, f"--weights {teacher} was trained on another split")
+    # The same split (the same seed, in another --out-dir) is accepted.
+    result = run_script("train_kd_student.py", "--data-dir", data_dir, "--out-dir",
+                        tmp_path / "same", *TINY_TRAIN_ARGS, "--teacher-ckpt", teacher)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.fast
+def test_the_split_fingerprint_covers_which_rows_went_where(tiny_data, tmp_path):
+    from src.data import load_or_create_split
+    first = load_or_create_split(tiny_data, tmp_path / "a", seed=0, quiet=True)
+    again = load_or_create_split(tiny_data, tmp_path / "a", seed=0, quiet=True)
+    other = load_or_create_split(tiny_data, tmp_path / "b", seed=1, quiet=True)
+    assert first.fingerprint == again.fingerprint
+    assert first.data_fingerprint == other.data_fingerprint      # the same rows
+    assert first.fingerprint != other.fingerprint                # assigned otherwise
