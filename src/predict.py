@@ -23,16 +23,21 @@ def predict_test_set(data_dir: Path, ckpts: list[Path], cache_dir: Path | None,
 
     With ``tta`` the class probabilities of each image and its mirror image are averaged.
     """
-    table = read_test_table(data_dir)
-    # Read once: every member of an ensemble sees the same decoded images.
-    pixels = load_images(data_dir, table["img_path"].tolist(), cache_dir, "TEST")
-    probabilities, classes = 0, None
+    # Every checkpoint is loaded and checked before any image is decoded: a wrong file
+    # is named in seconds, not after minutes of decoding.
+    members, classes = [], None
     for ckpt in ckpts:
         model, meta = load_checkpoint(ckpt, classes, what="checkpoint")
         if meta["resolution"] != "lr":
             raise ToolError(f"{ckpt} is an HR model; test.csv has only LR images, so predict "
                             f"with a student (student or kd_student)")
         classes = meta["classes"]
+        members.append((ckpt, model, meta))
+    table = read_test_table(data_dir)
+    # Read once: every member of an ensemble sees the same decoded images.
+    pixels = load_images(data_dir, table["img_path"].tolist(), cache_dir, "TEST")
+    probabilities = 0
+    for ckpt, model, meta in members:
         probabilities = probabilities + predict_probabilities(
             model, meta, ckpt, pixels, "TEST", batch_size, runtime, tta) / len(ckpts)
     labels = [classes[index] for index in probabilities.argmax(1).tolist()]

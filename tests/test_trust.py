@@ -288,3 +288,15 @@ def test_the_split_fingerprint_covers_which_rows_went_where(tiny_data, tmp_path)
     assert first.fingerprint == again.fingerprint
     assert first.data_fingerprint == other.data_fingerprint      # the same rows
     assert first.fingerprint != other.fingerprint                # assigned otherwise
+
+
+@pytest.mark.fast
+def test_predict_checks_its_checkpoints_before_reading_any_image(data_copy, tmp_path):
+    """Before, every test image was decoded first: a wrong --ckpt was named only after
+    that, and a damaged test image hid it."""
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    test_table = pd.read_csv(data_copy / "test.csv")
+    (data_copy / test_table["img_path"].iloc[0]).unlink()
+    result = run_script("predict.py", "--data-dir", data_copy, "--out-dir", tmp_path / "run",
+                        "--ckpt", tmp_path / "junk.pt", "--output", tmp_path / "out.csv")
+    assert_one_line_error(result, "junk.pt is not a readable checkpoint")
