@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny generated dataset and one finished three-stage run on it.
 
-Everything runs on the CPU with ResNet18 at 32 px for one epoch, so a stage takes seconds.
+Everything runs on the CPU with ResNet18 at 16 px for one epoch, so a stage takes seconds.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from src import distributed
 from src.demo import write_demo_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_TRAIN_ARGS = ["--arch", "resnet18", "--weights", "none", "--input-size", "32",
+TINY_TRAIN_ARGS = ["--arch", "resnet18", "--weights", "none", "--input-size", "16",
                    "--epochs", "1", "--batch-size", "8", "--lr", "1e-3"]
 
 
