@@ -13,8 +13,10 @@ import fcntl
 import hashlib
 import math
 import os
+import re
 import shutil
 import socket
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -258,18 +260,62 @@ def _check_split_matches(saved: pd.DataFrame, table: pd.DataFrame, split_csv: Pa
 
 # --- decoding and the image cache ------------------------------------------------------
 
+# Far above any image this task has (DACON's HR twins are 256 px), far below what hangs or
+# exhausts a machine: a 20000x20000 PNG of a few kilobytes (a decompression bomb) would
+# need 1.2 GB decoded.
+MAX_IMAGE_BYTES = 64 * 2**20
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 def decode_image(path: Path) -> np.ndarray:
-    """Decode one image as an RGB ``uint8`` array (grey, RGBA and palette are converted)."""
+    """Decode one image as an RGB ``uint8`` array (grey, RGBA and palette are converted;
+    16-bit grey is scaled to 8 bits). Only regular files of at most MAX_IMAGE_BYTES and
+    MAX_IMAGE_PIXELS are read: a FIFO would hang the run, a bomb exhaust its memory."""
     try:
+        status = os.stat(path)
+        if not stat.S_ISREG(status.st_mode):
+            raise ToolError(f"not a regular file: {path} (images must be files; a pipe or "
+                            f"device would hang the run)")
+        if status.st_size > MAX_IMAGE_BYTES:
+            raise ToolError(f"image {path} is {status.st_size / 2**20:.0f} MiB, over the "
+                            f"{MAX_IMAGE_BYTES // 2**20} MiB this tool reads")
         with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise _bomb(path, image.width * image.height, f"{image.width}x{image.height}, ")
             image.load()
-            return np.asarray(image.convert("RGB"))
+            return _to_rgb8(image, path)
     except FileNotFoundError:
         raise ToolError(f"image not found: {path}") from None
     except UnidentifiedImageError:
         raise ToolError(f"not an image: {path}") from None
+    except Image.DecompressionBombError as error:
+        # PIL's own guard, at twice its limit, refuses before the size is known to us.
+        count = re.search(r"\((\d+) pixels\)", str(error))
+        raise _bomb(path, int(count.group(1)) if count else 0, "") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ToolError(f"unreadable image {path} (truncated or corrupt: {error})") from None
+
+
+def _bomb(path: Path, pixels: int, size: str) -> ToolError:
+    return ToolError(f"image {path} is {size}{pixels:,} pixels, over the {MAX_IMAGE_PIXELS:,} "
+                     f"this tool decodes (a decompression bomb?)")
+
+
+def _to_rgb8(image: Image.Image, path: Path) -> np.ndarray:
+    """RGB ``uint8``. PIL's convert("RGB") clips 16-bit grey to white, so 16-bit values are
+    scaled (65535 -> 255) first; 32-bit integer and float images have no range to scale
+    by and are refused."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+            raise ToolError(f"image {path} holds 32-bit values ({image.mode}); save it with "
+                            f"8 or 16 bits per channel")
+        grey = np.round(values / 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise ToolError(f"image {path} holds floating-point pixels (mode F); save it with 8 "
+                        f"or 16 bits per channel")
+    return np.asarray(image.convert("RGB"))
 
 
 def _decode_all(paths: list[Path], target: np.ndarray, description: str) -> None:

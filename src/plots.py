@@ -9,6 +9,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
+# Class names and run names are data, not TeX: "$x$" or a lone "$" in a label must show as
+# written, not stop the figures (after the results were written) with a mathtext error.
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
