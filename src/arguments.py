@@ -311,6 +311,14 @@ def check_arguments(args) -> None:
             and args.unlabelled is None:
         raise ToolError(f"--recipe {args.recipe} needs --unlabelled PATH: images without labels "
                         f"for the teacher to label (a folder, or a CSV with upscale_img_path)")
+    if getattr(args, "unlabelled", None) is not None \
+            and round(args.unlabelled_ratio * args.batch_size) < 1:
+        # A batch of B labelled rows takes round(R x B) unlabelled ones (the last, smaller
+        # batch fewer): below one per full batch the transfer set would never be seen.
+        raise ToolError(f"--unlabelled-ratio {args.unlabelled_ratio:g} gives no unlabelled "
+                        f"image in a batch of {args.batch_size} (round({args.unlabelled_ratio:g}"
+                        f" x {args.batch_size}) = 0); use at least "
+                        f"{0.5 / args.batch_size:.3g}, or drop --unlabelled")
     if getattr(args, "final_fit", False) and (args.schedule, args.monitor) != ("cosine", "last"):
         raise ToolError(f"--final-fit trains with no validation images, so nothing can stop "
                         f"it early or select an epoch: give a fixed budget with --schedule "
@@ -348,7 +356,9 @@ def parse_train_arguments(stage: str, argv=None) -> argparse.Namespace:
 
 
 # Settings about the run folder, not the training: a rerun from a record starts afresh.
-NOT_FROM_CONFIG = {"resume", "overwrite", "config"}
+# Trackers are never switched on by a record: rerunning a colleague's run must not log to
+# their W&B project unless asked on the command line.
+NOT_FROM_CONFIG = {"resume", "overwrite", "config", "tensorboard", "wandb", "wandb_project"}
 PRESET_SETTINGS = {key for preset in RECIPES.values() for key in preset}
 
 
@@ -421,7 +431,46 @@ def config_defaults(parser: argparse.ArgumentParser, stage: str, argv) -> dict:
                         f"({', '.join('--' + key.replace('_', '-') for key in unknown)}): "
                         f"written by another version of the tool "
                         f"({record.get('code_version') or 'unknown commit'})")
-    return {key: value for key, value in record["args"].items() if key not in NOT_FROM_CONFIG}
+    saved = {key: value for key, value in record["args"].items() if key not in NOT_FROM_CONFIG}
+    return _checked_by_the_parser(parser, saved, path)
+
+
+class _RecordError(Exception):
+    pass
+
+
+def _checked_by_the_parser(parser: argparse.ArgumentParser, saved: dict, path: Path) -> dict:
+    """The record's settings as the parser reads them from a command line: each value
+    written back as its flag and parsed, so a record someone edited (a float batch size,
+    an unknown schedule) is refused in one line naming the record, before any work, like
+    the same flag typed."""
+    flags = []
+    for action in parser._actions:
+        if action.dest not in saved or not action.option_strings:
+            continue
+        value, option = saved[action.dest], action.option_strings[0]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise ToolError(f"--config {path}: {option} is recorded as {value!r}, not "
+                                f"true or false (a value in the record; fix or remove it "
+                                f"there)")
+            if value != action.default:
+                flags.append(option)
+        elif value is not None:
+            flags += [option, *map(str, value if isinstance(value, list) else [value])]
+    checker = argparse.ArgumentParser(add_help=False)
+    checker._actions, checker._option_string_actions = parser._actions, \
+        parser._option_string_actions
+
+    def refuse(message):
+        raise _RecordError(message)
+    checker.error = refuse
+    try:
+        parsed = vars(checker.parse_args(flags))
+    except _RecordError as error:
+        raise ToolError(f"--config {path}: {error} (a value in the record; fix or remove "
+                        f"it there)") from None
+    return {key: saved[key] if saved[key] is None else parsed[key] for key in saved}
 
 
 def distillation_flags() -> set[str]:
@@ -447,6 +496,26 @@ def stage_flags(stage: str, flags: list[str]) -> list[str]:
     return kept
 
 
+def check_teaching_flags(args) -> None:
+    """The KD student's flags that cannot go together, refused before any work (and by the
+    runners before they train anything, a self-training baseline's flags included)."""
+    if args.pseudo_teacher:
+        if args.teacher_ckpt:
+            raise ToolError("--pseudo-teacher replaces the HR teacher: give --teacher-ckpt "
+                            "or --pseudo-teacher, not both")
+        if args.lr_from_hr:
+            raise ToolError("--lr-from-hr renders views for an HR teacher; a "
+                            "--pseudo-teacher sees the LR views (drop one of them)")
+    if args.teacher_cache and (args.mixup > 0 or args.cutmix > 0):
+        raise ToolError("--teacher-cache keeps the teacher's logits of whole unmixed "
+                        "images; with --mixup or --cutmix the teacher must see each "
+                        "mixed view (drop --teacher-cache)")
+    if args.teacher_cache and args.lr_from_hr:
+        raise ToolError("--teacher-cache keeps the teacher's logits of the HR images as "
+                        "they are; with --lr-from-hr the teacher must see each shifted "
+                        "HR view (drop one of them)")
+
+
 def check_stage_flags(stage: str, flags: list[str], what: str) -> None:
     """A runner's check, before it trains anything, that ``train_<stage>.py`` takes
     ``flags``; argparse's own error is printed above the one line naming ``what``. A runner
@@ -461,6 +530,11 @@ def check_stage_flags(stage: str, flags: list[str], what: str) -> None:
                         f"runner scores runs on; run train_*.py --final-fit yourself once the "
                         f"recipe is chosen")
     check_arguments(args)
+    if stage == "kd_student":
+        try:
+            check_teaching_flags(args)
+        except ToolError as error:
+            raise ToolError(f"{what}: {error}") from None
 
 
 def _preset_for(parser: argparse.ArgumentParser, stage: str, argv) -> dict:

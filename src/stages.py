@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .arguments import STAGES, check_arguments, figures_dir, jsonable, parse_train_arguments, \
-    preset_overrides, test_parser
+from .arguments import STAGES, check_arguments, check_teaching_flags, figures_dir, jsonable, \
+    parse_train_arguments, preset_overrides, test_parser
 from . import distributed
 from .cli import ToolError, ensure_writable_dir, load_torch, pick_device, read_json, \
     run_record, save_torch, write_csv, write_json
@@ -199,25 +199,11 @@ def resolve_train_arguments(stage: str, argv) -> argparse.Namespace:
     args = parse_train_arguments(stage, argv)
     check_arguments(args)
     if stage == "kd_student":
-        if args.pseudo_teacher:
-            if args.teacher_ckpt:
-                raise ToolError("--pseudo-teacher replaces the HR teacher: give --teacher-ckpt "
-                                "or --pseudo-teacher, not both")
-            if args.lr_from_hr:
-                raise ToolError("--lr-from-hr renders views for an HR teacher; a "
-                                "--pseudo-teacher sees the LR views (drop one of them)")
-        else:
+        check_teaching_flags(args)
+        if not args.pseudo_teacher:
             args.teacher_ckpt = args.teacher_ckpt or [Path(args.out_dir) / "teacher" / "best.pt"]
         if args.alpha is None:
             args.alpha = hard_label_weight(args.method)
-        if args.teacher_cache and (args.mixup > 0 or args.cutmix > 0):
-            raise ToolError("--teacher-cache keeps the teacher's logits of whole unmixed "
-                            "images; with --mixup or --cutmix the teacher must see each "
-                            "mixed view (drop --teacher-cache)")
-        if args.teacher_cache and args.lr_from_hr:
-            raise ToolError("--teacher-cache keeps the teacher's logits of the HR images as "
-                            "they are; with --lr-from-hr the teacher must see each shifted "
-                            "HR view (drop one of them)")
     resolve_init_weights(args, Path(args.out_dir))
     return args
 
@@ -269,7 +255,7 @@ def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
                            data)
     if context.is_main:
         write_json(stage_dir / "config.json", record)
-    print(_run_line(stage, args, split, data, device, context))
+    print(_run_line(stage, args, split, data, teachers, device, context))
     meta = {"stage": stage, "arch": args.arch, "library": library_of(args.arch),
             "library_version": library_version(args.arch), "classes": split.classes,
             "resolution": STAGES[stage]["resolution"], "input_size": args.input_size,
@@ -461,10 +447,13 @@ def _stage_record(stage: str, args, args_dict: dict, config: dict | None, device
     return record
 
 
-def _run_line(stage: str, args, split, data: StageData, device, context) -> str:
+def _run_line(stage: str, args, split, data: StageData, teachers: Teachers, device,
+              context) -> str:
     resolution = STAGES[stage]["resolution"]
     unlabelled = data.unlabelled
-    return (f"{STAGES[stage]['title']}: {args.arch} ({args.weights} weights) on "
+    start = {"none": "from scratch", "imagenet": "from ImageNet weights"}.get(
+        args.weights, f"from {args.weights}")
+    return (f"{STAGES[stage]['title']}: {args.arch} {start} on "
             f"{resolution.upper()} {data.images.image_size(resolution)}px -> "
             f"{args.input_size}px, {len(split.indices('train'))} train / "
             f"{len(split.indices('val'))} val images"
@@ -474,7 +463,20 @@ def _run_line(stage: str, args, split, data: StageData, device, context) -> str:
             + (f"layer-wise lr decay {args.layer_decay:g}, " if args.layer_decay != 1 else "")
             + f"{_device_name(device)}"
             + (f", {context.world_size} processes (torchrun), global batch {args.batch_size}"
-               if context.enabled else ""))
+               if context.enabled else "")
+            + (_teaching_line(args, teachers) if teachers.checkpoints else ""))
+
+
+def _teaching_line(args, teachers: Teachers) -> str:
+    """What the KD student learns from, and with what weights: the teacher files, the
+    method with its settings, alpha (the cross-entropy's weight)."""
+    settings = "; ".join(
+        f"{name} " + ", ".join(f"{key} {value:g}" if isinstance(value, (int, float))
+                               else f"{key} {value}" for key, value in values.items())
+        for name, values in method_settings(args.method, vars(args)).items())
+    who = "pseudo-teacher" if teachers.resolution == "lr" else "teacher"
+    return (f"\n  taught by {who} {', '.join(map(str, teachers.checkpoints))}: method "
+            f"{settings}, alpha {args.alpha:g} (cross-entropy)")
 
 
 def _fit_config(args, runtime, data: StageData) -> FitConfig:
