@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import difflib
 import errno
 import io
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -68,6 +71,29 @@ def write_whole_lines() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True, write_through=False)
+
+
+def _argument_error(parser: argparse.ArgumentParser, message: str) -> None:
+    """argparse's error without its usage dump (37 lines for a train script), with a
+    "did you mean" for a mistyped option or choice; --help still prints the usage."""
+    guesses = []
+    unknown = re.match(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        for token in unknown.group(1).split():
+            if token.startswith("--"):
+                guesses += difflib.get_close_matches(token.split("=")[0],
+                                                     parser._option_string_actions, n=1)
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        options = [option.strip(" '") for option in choice.group(2).split(",")]
+        guesses += difflib.get_close_matches(choice.group(1), options, n=1)
+    hint = f"; did you mean {' '.join(guesses)}?" if guesses else ""
+    parser.exit(EXIT_ERROR, f"error: {message}{hint} ({parser.prog} --help lists the "
+                            f"options)\n")
+
+
+# Every script's parser reports a mistake in one line (imported by every script).
+argparse.ArgumentParser.error = _argument_error
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -97,7 +97,9 @@ def load_checkpoint(path: Path, classes: list[str] | None = None,
     ``arch`` when those are given. Returns the model (on the CPU, eval mode) and its meta."""
     path = Path(path)
     if not path.is_file():
-        raise ToolError(f"{what} {path} not found (train that stage first)")
+        hint = ("train the teacher first (train_teacher.py with this --out-dir), or name one "
+                "with --teacher-ckpt" if what == "teacher checkpoint" else "train that stage first")
+        raise ToolError(f"{what} {path} not found ({hint})")
     checkpoint = load_torch(path, what)
     required = ("model", "arch", "classes")
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in required):

@@ -247,6 +247,11 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
               "history": [], "train_seconds": 0.0, "world_size": context.world_size}
 
     stopped_early = False
+    if cfg.monitor == "last":
+        print("(the last epoch's weights are the model: best.pt)")
+    else:
+        print(f"(* marks the best epoch so far by {cfg.monitor}: its weights are best.pt; "
+              f"lr is the rate at the epoch's end)")
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         start = time.perf_counter()
         generator = epoch_generator(cfg.seed, epoch)
@@ -265,10 +270,11 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
             else {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
         if cfg.schedule == "plateau":
             scheduler.step(val["loss"])
+        lr_end = max(group["lr"] for group in optimizer.param_groups)
         row = {"epoch": epoch, "train_loss": train.pop("loss"), "train_ce": train.pop("ce"),
                "train_acc": train.pop("acc"), **train, "val_loss": val["loss"],
                "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"], "lr": lr,
-               "seconds": time.perf_counter() - start}
+               "lr_end": lr_end, "seconds": time.perf_counter() - start}
         improved, stopped_early = _select(state, row, cfg)
         if context.is_main:
             _save_epoch(stage_dir, objective, optimizer, scheduler, state, checkpoint_meta,
@@ -277,8 +283,8 @@ def fit(objective, images: ImageSet, cfg: FitConfig, stage_dir: Path, runtime: R
             on_epoch(row)
         print(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
               f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
-              f" f1 {row['val_macro_f1']:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s"
-              + ("  *" if improved else ""))
+              f" f1 {row['val_macro_f1']:.4f}  lr {lr_end:.2e}  {row['seconds']:.1f}s"
+              + ("  *" if improved and cfg.monitor != "last" else ""))
         if stopped_early:
             print(f"early stop: no {cfg.monitor} improvement for {cfg.patience} epochs")
             break

@@ -1,5 +1,6 @@
-"""Lines printed by several processes at once (torchrun's ranks share stdout and stderr)
-arrive whole: text and newline in one write, whatever PYTHONUNBUFFERED says."""
+"""What the scripts print reads without the source: lines printed by several processes at
+once (torchrun's ranks share stdout and stderr) arrive whole, a run says what it trains and
+what its epoch lines mean, and a typo gets a suggestion."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY_TRAIN_ARGS, assert_one_line_error, run_script
 
 REFUSALS = 2000
 MESSAGE = ("--batch-size 3 is the global batch: it must give each of the 2 processes at least "
@@ -65,3 +67,53 @@ def test_lines_from_two_processes_never_run_together(tmp_path):
     assert sorted(set(notes)) == [f"note: a line on stdout, written by rank {rank}"
                                   for rank in range(2)]
     assert len(notes) == 2 * REFUSALS
+
+
+def test_a_train_script_says_what_it_trains_and_how_to_read_its_epochs(finished_run):
+    _, out_dir, _, outputs = finished_run
+    teacher = outputs["train_teacher.py"].stdout
+    assert "HR teacher: resnet18 from scratch on HR" in teacher and "none weights" not in teacher
+    assert "(* marks the best epoch so far by val_loss: its weights are best.pt; lr is the " \
+           "rate at the epoch's end)" in teacher
+    kd = outputs["train_kd_student.py"].stdout
+    assert f"  taught by teacher {out_dir / 'teacher' / 'best.pt'}: method kd temperature 4, " \
+           f"beta 0.3, alpha 0.7 (cross-entropy)" in kd
+    history = pd.read_csv(out_dir / "kd_student" / "history.csv")
+    epoch_line = next(line for line in kd.splitlines() if line.startswith("epoch   1"))
+    assert f"lr {history['lr_end'].iloc[0]:.2e}" in epoch_line
+
+
+@pytest.mark.fast
+def test_a_run_selecting_its_last_epoch_marks_no_epoch_best(tiny_data, tmp_path):
+    result = run_script("train_student.py", "--data-dir", tiny_data, "--out-dir", tmp_path,
+                        *TINY_TRAIN_ARGS[:-6], "--epochs", "2", *TINY_TRAIN_ARGS[-4:],
+                        "--schedule", "cosine", "--select-by", "last")
+    assert result.returncode == 0, result.stderr
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and not any(line.endswith("*") for line in epochs)
+    assert "(the last epoch's weights are the model: best.pt)" in result.stdout
+    history = pd.read_csv(tmp_path / "student" / "history.csv")
+    assert history["lr_end"].iloc[-1] < history["lr"].iloc[-1]       # cosine: the rate fell
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("argv, suggestion", [
+    (["--recipe", "consistant"], "did you mean consistent?"),
+    (["--unlabeled", "x"], "did you mean --unlabelled?"),
+])
+def test_a_typo_gets_one_line_and_a_suggestion_not_the_usage(argv, suggestion, capsys):
+    from src.arguments import parse_train_arguments
+    with pytest.raises(SystemExit) as stop:
+        parse_train_arguments("kd_student", argv)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "usage:" not in error
+    assert error.startswith("error: ") and suggestion in error
+
+
+@pytest.mark.fast
+def test_a_missing_teacher_names_teacher_ckpt(tiny_data, tmp_path):
+    result = run_script("train_kd_student.py", "--data-dir", tiny_data, "--out-dir", tmp_path,
+                        *TINY_TRAIN_ARGS)
+    assert_one_line_error(result, f"teacher checkpoint {tmp_path / 'teacher' / 'best.pt'} not "
+                                  f"found", "--teacher-ckpt")
