@@ -88,7 +88,7 @@ def for_seed(flags: list[str], seed: int) -> list[str]:
 def self_training_flags(flags: list[str], seed: int, baseline_run: Path) -> list[str]:
     """A recipe's flags for its self-training baseline: the same unlabelled images and
     training, with the seed's own LR baseline as the (pseudo-)teacher and no HR teacher."""
-    return [*flags, "--seed", str(seed), "--pseudo-teacher",
+    return [*for_seed(flags, seed), "--seed", str(seed), "--pseudo-teacher",
             str(Path(baseline_run) / "student" / "best.pt")]
 
 
@@ -206,9 +206,10 @@ def _train_recipes(recipes: dict, common: list[str], seeds: list[int], teachers:
         for seed in seeds:
             seed_flags = ["--seed", str(seed)]
             baseline_run = plan.baseline_folder / f"seed{seed}"
+            # {seed} is the seed for every run of the recipe, its baselines' too.
             run_stage_in(baseline_run, "student", out_dir, data_dir,
-                         [*student_flags, *seed_flags], f"{owner}: baseline, seed {seed}",
-                         processes)
+                         [*for_seed(student_flags, seed), *seed_flags],
+                         f"{owner}: baseline, seed {seed}", processes)
             if plan.self_training:
                 run_stage_in(plan.self_training / f"seed{seed}", "kd_student", out_dir,
                              data_dir, self_training_flags(flags, seed, baseline_run),

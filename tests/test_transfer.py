@@ -255,7 +255,7 @@ def test_killed_mid_epoch_with_unlabelled_images_resumes_to_the_uninterrupted_re
     assert run_script("train_kd_student.py", "--out-dir", straight, *common,
                       env=one_thread).returncode == 0
     died = run_worker("kd_student", tmp_path / "record", "--out-dir", killed, *common,
-                      processes=1, env={"DDP_KILL": "0:2:2"})
+                      processes=1, env={"DDP_KILL": "0:2:2", **one_thread})
     assert died.returncode != 0
     assert len(pd.read_csv(killed / "kd_student" / "history.csv")) == 1   # inside epoch 2
     resumed = run_script("train_kd_student.py", "--out-dir", killed, *common, "--resume",
@@ -428,3 +428,48 @@ def test_unlabelled_ratio_is_checked_before_any_work(transfer_run, tmp_path):
                         tmp_path / "never", *TINY_TRAIN_ARGS, "--unlabelled-ratio", "0")
     assert_one_line_error(result, "--unlabelled-ratio must be positive")
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.fast
+def test_a_ratio_that_gives_no_unlabelled_image_is_refused_before_any_work(tiny_data,
+                                                                          tmp_path):
+    """Before, --unlabelled-ratio 0.01 passed the checks and raised a raw ValueError inside
+    fit, after --overwrite had deleted the earlier run."""
+    result = run_script("train_kd_student.py", "--data-dir", tiny_data, "--out-dir",
+                        tmp_path / "run", *TINY_TRAIN_ARGS, "--unlabelled", tiny_data,
+                        "--unlabelled-ratio", "0.01")
+    assert_one_line_error(result, "--unlabelled-ratio 0.01 gives no unlabelled image in a "
+                                  "batch of 8 (round(0.01 x 8) = 0)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.fast
+def test_seed_in_a_recipes_flags_is_replaced_for_its_baselines_too(monkeypatch, tmp_path):
+    """Before, only the KD student's flags had {seed} replaced: the plain and the
+    self-training baselines were given the literal '{seed}'."""
+    from src import compare
+    calls = []
+    monkeypatch.setattr(compare, "run_stage_in",
+                        lambda run, stage, *args: calls.append((stage, args[2])))
+    recipes = {"mine": ["--unlabelled", str(tmp_path / "u{seed}.csv")]}
+    compare._train_recipes(recipes, [], [3], [tmp_path / "teacher.pt"], None, tmp_path,
+                           tmp_path, 1)
+    assert [stage for stage, _ in calls] == ["student", "kd_student", "kd_student"]
+    for stage, flags in calls:
+        assert not any("{seed}" in flag for flag in flags), (stage, flags)
+        if stage == "kd_student":
+            assert str(tmp_path / "u3.csv") in flags
+
+
+@pytest.mark.fast
+def test_lr_from_hr_with_a_transfer_set_is_refused_before_the_runner_trains(transfer_run,
+                                                                           tmp_path):
+    """Its self-training baseline (an LR pseudo-teacher) cannot take --lr-from-hr: before,
+    that surfaced only after the plain baseline had trained."""
+    data, out_dir = transfer_run
+    result = run_script("compare_recipes.py", "--data-dir", data, "--out-dir", out_dir,
+                        "--seeds", "0", "--recipes",
+                        f"hr=--lr-from-hr --unlabelled {data / 'unlabelled.csv'}", "--",
+                        *TINY_TRAIN_ARGS)
+    assert_one_line_error(result, "recipe hr:", "--lr-from-hr renders views for an HR teacher")
+    assert not (out_dir / "recipes" / "hr").exists()
