@@ -1,6 +1,6 @@
 # make demo   set up .venv, write the demo data, run all seven stages, evaluate_all and predict on it
 #             (another training seed: make demo DEMO_SEED=1 DEMO_RUNS=runs/demo-seed1)
-# make test   set up .venv (with the optional trackers) and run the test suite
+# make test   set up .venv (with the optional trackers) and run the test suite (the 15 slowest tests listed at the end)
 # make test-fast  the tests marked fast (pytest -m fast): the edit-test loop, every module touched
 # make bench  set up .venv and run the training-speed benchmark
 # make bench-processes  seconds per epoch of the demo teacher with 1 and 2 processes (torchrun)
@@ -56,7 +56,7 @@ demo: $(PY) $(DEMO_DATA)/train.csv
 	$(PY) predict.py $(TEST_ARGS) --stage kd_student --tta --overwrite
 
 test: $(PY) $(VENV)/.trackers
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(PY) $(VENV)/.trackers
 	$(PY) -m pytest -q -m fast tests
