@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import shutil
@@ -243,8 +244,6 @@ def load_torch(path: Path, what: str) -> Any:
     """A file written by ``save_torch``, loaded safely: only tensors and plain values are
     unpickled (``weights_only``), so a planted pickle cannot run code. Anything else is
     refused in one line naming ``what`` the file was for."""
-    import pickle
-    import re
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
