@@ -11,6 +11,7 @@ sample_predictions and tsne (with each model's V-measure). Nothing is retrained.
 import argparse
 
 from src.cli import ToolError, require_at_least_one, require_at_least_zero, run_main
+from src.data import set_path_policy
 from src.report import evaluate_all
 from src.arguments import common_arguments, figures_argument
 
@@ -31,6 +32,7 @@ def main() -> int:
         raise ToolError("--resamples must be at least 100")
     require_at_least_one({"--batch-size": args.batch_size})
     require_at_least_zero({"--bootstrap-seed": args.bootstrap_seed})
+    set_path_policy(args)
     evaluate_all(args)
     return 0
 

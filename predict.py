@@ -17,6 +17,7 @@ from src.cli import ToolError, ensure_writable_dir, pick_device, require_at_leas
 from src.predict import HOLDOUT_LABELS, holdout_scores, predict_test_set, \
     read_holdout_labels
 from src.arguments import common_arguments, given_options, read_run_record
+from src.data import set_path_policy
 from src.stages import cache_dir_for, runtime_for
 
 
@@ -44,6 +45,7 @@ def main() -> int:
                         help="replace an existing submission file")
     args = parser.parse_args()
     require_at_least_one({"--batch-size": args.batch_size})
+    set_path_policy(args)
     if args.config and args.ckpt:
         raise ToolError("--config names the runs whose best.pt to use: give it or --ckpt")
     ckpts = args.ckpt or [args.out_dir / args.stage / "best.pt"]

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from .cli import ToolError, read_json, require_at_least_one
+from .data import set_path_policy
 from .distill import normalised_teacher_weights
 from .methods import add_method_arguments, method_flag_bounds, preset_for_method
 from .models import TESTED_ARCHS, checkpoint_stage
@@ -48,6 +49,9 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32,
                         help="images per batch; under torchrun the global batch, shared among "
                              "the processes (default: %(default)s)")
+    parser.add_argument("--strict-paths", action="store_true",
+                        help="refuse image paths that lead outside their data folder "
+                             "(absolute, '..', symbolic links) instead of warning")
     parser.add_argument("--no-cache", action="store_true",
                         help="decode images into memory for this run only instead of using "
                              "the decoded-image cache")
@@ -283,7 +287,9 @@ def _bounds_text(low, high, low_in, high_in) -> str:
 
 
 def check_arguments(args) -> None:
-    """Every numeric flag in range, before any work starts: one line names the first bad one."""
+    """Every numeric flag in range, before any work starts: one line names the first bad one.
+    Also puts --strict-paths in force for the images the script will read."""
+    set_path_policy(args)
     require_at_least_one({"--batch-size": args.batch_size,
                           "--epochs": getattr(args, "epochs", 1),
                           "--input-size": getattr(args, "input_size", 1),

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .cli import ToolError, progress_bar
-from .data import MIN_IMAGES_PER_CLASS, decode_image, pair_scale, read_test_table, \
-    read_train_table
+from .data import MIN_IMAGES_PER_CLASS, decode_image, pair_scale, paths_outside, \
+    read_test_table, read_train_table
 from .lr_render import LR_RENDER_TOLERANCE, box_filter_differences, degradation_errors, \
     degradation_warning, describe_errors
 from .transfer import equal_to_labelled, primary_resolution, read_unlabelled
@@ -105,6 +105,10 @@ def check_dataset(data_dir: Path, pair_tolerance: float = 16.0,
             report.add("labels", f"class {label!r} has {count} image(s); the stratified 8:1:1 "
                                  f"split needs at least {MIN_IMAGES_PER_CLASS}")
 
+    for column in ("img_path", "upscale_img_path"):
+        for path in paths_outside(data_dir, table[column]):
+            report.add("paths", f"{path} leads outside {data_dir} (absolute, '..' or a "
+                                f"symbolic link): training warns, --strict-paths refuses")
     lr_images = _decode_many([data_dir / p for p in table["img_path"]], "LR images")
     hr_images = _decode_many([data_dir / p for p in table["upscale_img_path"]], "HR images")
     for kind, images in (("LR", lr_images), ("HR", hr_images)):

@@ -76,6 +76,38 @@ def normalize_path(relative: str) -> str:
     return PurePosixPath(relative.replace("\\", "/")).as_posix()
 
 
+# --strict-paths: refuse image paths that lead outside their data folder instead of warning.
+# Set once from the command line (set_path_policy) rather than passed down the dozen call
+# chains that reach load_images.
+_STRICT_PATHS = False
+
+
+def set_path_policy(args) -> None:
+    global _STRICT_PATHS
+    _STRICT_PATHS = bool(getattr(args, "strict_paths", False))
+
+
+def paths_outside(folder: Path, relative_paths) -> list[str]:
+    """The paths (as written) that lead outside ``folder``: absolute, climbing out with
+    ``..``, or through a symbolic link to elsewhere."""
+    root = Path(folder).resolve()
+    return [path for path in relative_paths
+            if not (root / path).resolve().is_relative_to(root)]
+
+
+def check_paths(folder: Path, relative_paths, what: str) -> None:
+    """A one-line warning (an error with --strict-paths) for images read from outside
+    ``folder``: a shared CSV or folder could make a run read any file its user can."""
+    outside = paths_outside(folder, relative_paths)
+    if not outside:
+        return
+    message = (f"{what}: {len(outside)} image path(s) lead outside {folder} (absolute, "
+               f"'..' or a symbolic link; first: {outside[0]})")
+    if _STRICT_PATHS:
+        raise ToolError(f"{message}; refused by --strict-paths")
+    print(f"warning: {message}; --strict-paths refuses them")
+
+
 def read_train_table(data_dir: Path) -> pd.DataFrame:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -372,6 +404,7 @@ def load_images(data_dir: Path, relative_paths, cache_dir: Path | None, descript
     A cache larger than half the available memory is memory-mapped instead of read in, as
     is every cache with ``memory_map`` (processes on one node then share one copy).
     """
+    check_paths(data_dir, relative_paths, f"{description} images")
     paths = [Path(data_dir) / relative for relative in relative_paths]
     first = decode_image(paths[0])
     shape = (len(paths), *first.shape)

@@ -388,3 +388,37 @@ def test_a_class_name_with_dollars_is_drawn_as_written(tmp_path):
     path = plots.plot_confusion({"model": np.eye(3)}, classes, tmp_path / "confusion.png")
     assert path.stat().st_size > 0
     plots.plot_per_class_f1({"model": np.ones(3)}, classes, tmp_path / "f1.png")
+
+
+# --- paths that lead outside the data folder ----------------------------------------------
+
+def _escaping_data(data_copy: Path, outside: Path) -> Path:
+    """The tiny data with one LR image read through '..' and one HR image through a
+    symbolic link to a folder outside the data folder (the same pixels)."""
+    table = pd.read_csv(data_copy / "train.csv")
+    outside.mkdir()
+    lr, hr = table["img_path"].iloc[0], table["upscale_img_path"].iloc[1]
+    shutil.copy(data_copy / lr, outside / "lr.png")
+    shutil.copy(data_copy / hr, outside / "hr.png")
+    (data_copy / "elsewhere").symlink_to(outside)
+    table.loc[0, "img_path"] = f"../{outside.name}/lr.png"
+    table.loc[1, "upscale_img_path"] = "elsewhere/hr.png"
+    table.to_csv(data_copy / "train.csv", index=False)
+    return data_copy
+
+
+def test_paths_outside_the_data_folder_warn_and_strict_paths_refuses(data_copy, tmp_path):
+    data = _escaping_data(data_copy, data_copy.parent / "outside")
+    common = ["--data-dir", data, *TINY_TRAIN_ARGS]
+    warned = run_script("train_teacher.py", *common, "--out-dir", tmp_path / "a")
+    assert warned.returncode == 0, warned.stderr
+    assert (f"warning: HR images: 1 image path(s) lead outside {data} (absolute, '..' or a "
+            f"symbolic link; first: elsewhere/hr.png); --strict-paths refuses them") \
+        in warned.stdout
+    refused = run_script("train_student.py", *common, "--out-dir", tmp_path / "b",
+                         "--strict-paths")
+    assert_one_line_error(refused, "LR images: 1 image path(s) lead outside",
+                          "first: ../outside/lr.png", "refused by --strict-paths")
+    listed = run_script("check_data.py", "--data-dir", data)
+    assert "../outside/lr.png leads outside" in listed.stdout
+    assert "elsewhere/hr.png leads outside" in listed.stdout
