@@ -10,7 +10,6 @@ import pandas as pd
 
 from .arguments import STAGES
 from .cli import ToolError, ensure_writable_dir, read_json, write_json
-from .plots import plot_comparison, plot_curves
 from .stats import paired_bootstrap
 
 # Settings that must agree between the baseline and the KD student for their comparison to
@@ -85,6 +84,9 @@ def students_interval(out_dir: Path, resamples: int = 10_000) -> dict:
 def plot_comparison_figures(metrics: dict, out_dir: Path, assets_dir: Path) -> list[Path]:
     """The test comparison bars of the stages in ``metrics`` and, when both students have a
     history, the kd_vs_hard_{train,val}_{acc,loss} curves. Returns the files written."""
+    # matplotlib is imported here, not with the module: every train script imports this
+    # module, and only the last test script draws (half a second at each start).
+    from .plots import plot_comparison, plot_curves
     assets_dir = ensure_writable_dir(assets_dir, "--assets-dir")
     written = [plot_comparison({STAGES[s]["title"]: m for s, m in metrics.items()},
                                assets_dir / "test_accuracy_comparison.png")]

@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 
 from .cli import DISK_FULL, ToolError, atomic_write, progress_bar, read_json, write_csv, write_json
 
@@ -188,6 +187,8 @@ def make_split(table: pd.DataFrame, seed: int) -> pd.DataFrame:
                         f"({len(too_small)} class(es) too small)")
     positions = np.arange(len(table))
     labels = table["label"].to_numpy()
+    # scikit-learn is imported when a split is made, not at every start (about a second).
+    from sklearn.model_selection import train_test_split
     train_pos, held_out = train_test_split(positions, test_size=0.2, stratify=labels,
                                            random_state=seed)
     val_pos, test_pos = train_test_split(held_out, test_size=0.5, stratify=labels[held_out],

@@ -4,7 +4,6 @@ report gives it beside accuracy."""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import f1_score
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict:
@@ -13,6 +12,8 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict:
     Macro-F1 is scikit-learn's, as the competition computes it: the unweighted mean of the
     per-class F1 over the classes that occur in the labels or the predictions.
     """
+    # Imported on first use: a script that stops at a bad input never pays its second.
+    from sklearn.metrics import f1_score
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     if len(labels) == 0:
         return {"accuracy": float("nan"), "macro_f1": float("nan"), "n": 0}
