@@ -374,7 +374,7 @@ def _decode_all(paths: list[Path], target: np.ndarray, description: str) -> None
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _content_fingerprint(paths: list[Path], description: str) -> str:
+def content_fingerprint(paths: list[Path], description: str) -> str:
     """Key of a cache: the image files' bytes, in order. A moved dataset keeps its cache; a
     changed image gets a new one, whatever its size and date. Hashing reads the files but
     decodes nothing: ~3 s on 2 cores for 15,834 DACON-sized JPEG pairs, against ~25 s to decode."""
@@ -416,7 +416,7 @@ def load_images(data_dir: Path, relative_paths, cache_dir: Path | None, descript
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file = cache_dir / f"{description}-{_content_fingerprint(paths, description)}.npy"
+    cache_file = cache_dir / f"{description}-{content_fingerprint(paths, description)}.npy"
     if cache_file.exists():
         pixels = _read_cache(cache_file, shape, memory_map, description, quiet)
         if pixels is not None:

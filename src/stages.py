@@ -248,6 +248,8 @@ def _train_stage(stage: str, args, out_dir: Path, stage_dir: Path) -> int:
     teachers = _load_teachers(args, split) if stage == "kd_student" else Teachers()
     model = _build_student(args, split)
     data = _load_data(stage, args, split, teachers, context, runtime)
+    if config is not None:
+        _check_same_transfer_set(config, data, stage_dir)
     objective = _build_objective(stage, args, model, teachers, data, device, runtime)
     if context.is_main:
         _clear_for_overwrite(stage_dir, args)
@@ -479,6 +481,17 @@ def _teaching_line(args, teachers: Teachers) -> str:
             f"{settings}, alpha {args.alpha:g} (cross-entropy)")
 
 
+def _check_same_transfer_set(config: dict, data: StageData, stage_dir: Path) -> None:
+    """--resume: the unlabelled images must be the ones the run started with, by content
+    (the path alone, compared with the other settings, misses files replaced in place)."""
+    saved = (config.get("unlabelled") or {}).get("fingerprint")
+    now = (data.unlabelled or {}).get("fingerprint")
+    if saved and now and saved != now:
+        raise ToolError(f"--resume: the unlabelled images changed since {stage_dir} started "
+                        f"(same paths, other contents); resume with the original images or "
+                        f"use --overwrite")
+
+
 def _fit_config(args, runtime, data: StageData) -> FitConfig:
     return FitConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -531,7 +544,9 @@ def _teacher_logits(teacher, teacher_meta: dict, teacher_ckpt: Path, resolution:
     digest = hashlib.sha256(Path(teacher_ckpt).read_bytes())
     digest.update(split.fingerprint.encode())
     if source is not None:
-        digest.update(json.dumps([str(source.path), source.paths, args.degradation,
+        # The images' contents, not their names: files replaced under the same names
+        # must not be given the old images' logits.
+        digest.update(json.dumps([source.fingerprint(), args.degradation,
                                   resolution]).encode())
     cache_file = cache_dir / f"teacher-logits-{digest.hexdigest()[:16]}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():

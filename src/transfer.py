@@ -26,8 +26,8 @@ import pandas as pd
 import torch
 
 from .cli import ToolError
-from .data import ImageSet, RESOLUTION_COLUMN, Split, decode_image, load_images, \
-    normalize_path, read_table
+from .data import ImageSet, RESOLUTION_COLUMN, Split, content_fingerprint, decode_image, \
+    load_images, normalize_path, read_table
 from .lr_render import DEGRADATIONS, degradation_errors, degradation_warning, degrade, \
     describe_errors
 
@@ -77,6 +77,13 @@ class UnlabelledSource:
     path: Path
     base: Path
     paths: dict
+
+    def fingerprint(self) -> str:
+        """The images' bytes, in order, at every resolution given: changed files under the
+        same names are another transfer set (for the teacher-logit cache and --resume)."""
+        files = [self.base / relative for resolution in sorted(self.paths)
+                 for relative in self.paths[resolution]]
+        return content_fingerprint(files, "unlabelled")
 
 
 def read_unlabelled(path: Path, lr_size: int, hr_size: int | None,
@@ -181,7 +188,8 @@ def add_unlabelled(images: ImageSet, source: UnlabelledSource, resolutions, degr
                                       f"UNLABELLED-{resolution.upper()}", quiet=quiet)
               for resolution in source.paths if resolution in resolutions
               or resolution == primary}
-    record = {"source": str(source.path), "given": sorted(source.paths), "degradation": None}
+    record = {"source": str(source.path), "given": sorted(source.paths), "degradation": None,
+              "fingerprint": source.fingerprint()}
     for resolution, array in pixels.items():
         side = images.image_size(resolution) if resolution in images.pixels else None
         if side is not None and array.shape[1:3] != (side, side):

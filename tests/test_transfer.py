@@ -473,3 +473,40 @@ def test_lr_from_hr_with_a_transfer_set_is_refused_before_the_runner_trains(tran
                         *TINY_TRAIN_ARGS)
     assert_one_line_error(result, "recipe hr:", "--lr-from-hr renders views for an HR teacher")
     assert not (out_dir / "recipes" / "hr").exists()
+
+
+def _replace_an_unlabelled_image(data: Path, by: int) -> None:
+    """Unlabelled image ``by`` copied over the first one: other pixels, the same name."""
+    paths = pd.read_csv(data / "unlabelled.csv")["upscale_img_path"]
+    shutil.copy(data / paths.iloc[by], data / paths.iloc[0])
+
+
+def test_unlabelled_images_changed_in_place_are_noticed(transfer_run, tmp_path):
+    """Before, the teacher-logit cache and --resume knew the unlabelled images by their
+    paths: files replaced under the same names got the old images' logits, and a resumed
+    run went on with other images."""
+    data = Path(shutil.copytree(transfer_run[0], tmp_path / "data"))
+    run, teacher = new_run(transfer_run, tmp_path)
+    common = ["--data-dir", data, "--out-dir", run, "--teacher-ckpt", teacher,
+              *TINY_TRAIN_ARGS, "--unlabelled", data / "unlabelled.csv"]
+    first = run_script("train_kd_student.py", *common, "--teacher-cache")
+    assert first.returncode == 0, first.stderr
+    assert "cached teacher logits for" in first.stdout
+    again = run_script("train_kd_student.py", *common, "--teacher-cache", "--overwrite")
+    assert "teacher logits from" in again.stdout                 # same images: reused
+    _replace_an_unlabelled_image(data, by=1)
+    changed = run_script("train_kd_student.py", *common, "--teacher-cache", "--overwrite")
+    assert changed.returncode == 0, changed.stderr
+    assert "cached teacher logits for" in changed.stdout         # computed anew
+
+    killed = tmp_path / "killed"
+    shutil.copytree(run, killed, ignore=shutil.ignore_patterns("kd_student", ".*lock"))
+    flags = ["--data-dir", data, "--out-dir", killed, "--teacher-ckpt", teacher,
+             *TINY_TRAIN_ARGS[:-6], "--epochs", "2", *TINY_TRAIN_ARGS[-4:],
+             "--unlabelled", data / "unlabelled.csv"]
+    died = run_worker("kd_student", tmp_path / "record", *flags, processes=1,
+                      env={"DDP_KILL": "0:2:0"})
+    assert died.returncode != 0
+    _replace_an_unlabelled_image(data, by=2)
+    resumed = run_script("train_kd_student.py", *flags, "--resume")
+    assert_one_line_error(resumed, "--resume: the unlabelled images changed since")
