@@ -546,7 +546,7 @@ def _teacher_logits(teacher, teacher_meta: dict, teacher_ckpt: Path, resolution:
     if source is not None:
         # The images' contents, not their names: files replaced under the same names
         # must not be given the old images' logits.
-        digest.update(json.dumps([source.fingerprint(), args.degradation,
+        digest.update(json.dumps([source.fingerprint, args.degradation,
                                   resolution]).encode())
     cache_file = cache_dir / f"teacher-logits-{digest.hexdigest()[:16]}.pt" if cache_dir else None
     if cache_file is not None and cache_file.exists():

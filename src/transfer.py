@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +79,11 @@ class UnlabelledSource:
     base: Path
     paths: dict
 
+    @cached_property
     def fingerprint(self) -> str:
         """The images' bytes, in order, at every resolution given: changed files under the
-        same names are another transfer set (for the teacher-logit cache and --resume)."""
+        same names are another transfer set (for the teacher-logit cache and --resume).
+        Hashed once: the logit cache and the record both ask for it."""
         files = [self.base / relative for resolution in sorted(self.paths)
                  for relative in self.paths[resolution]]
         return content_fingerprint(files, "unlabelled")
@@ -189,7 +192,7 @@ def add_unlabelled(images: ImageSet, source: UnlabelledSource, resolutions, degr
               for resolution in source.paths if resolution in resolutions
               or resolution == primary}
     record = {"source": str(source.path), "given": sorted(source.paths), "degradation": None,
-              "fingerprint": source.fingerprint()}
+              "fingerprint": source.fingerprint}
     for resolution, array in pixels.items():
         side = images.image_size(resolution) if resolution in images.pixels else None
         if side is not None and array.shape[1:3] != (side, side):
