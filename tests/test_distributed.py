@@ -31,11 +31,13 @@ ROUNDING = 1e-6
 
 
 def assert_every_rank_refuses(result, message: str) -> None:
-    """Each process ends with the same one ``error:`` line, starting with ``message``. torchrun's own launcher then
+    """Each process that gets to print ends with the same one ``error:`` line, starting with
+    ``message``. torchrun stops the other process as soon as the first one exits, so the
+    second line may never come (CI saw one line in a full run). torchrun's own launcher then
     prints a traceback of its ChildFailedError; no frame may come from this project."""
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and len(set(errors)) == 1, result.stderr
+    assert len(errors) in (1, 2) and len(set(errors)) == 1, result.stderr
     assert errors[0].startswith(message), errors[0]
     own_frames = re.findall(rf'File "{re.escape(str(ROOT))}/(?!\.venv/)[^"]*"', result.stderr)
     assert not own_frames, result.stderr
