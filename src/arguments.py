@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 from .cli import ToolError, read_json, require_at_least_one
@@ -16,7 +17,7 @@ from .methods import add_method_arguments, method_flag_bounds, preset_for_method
 from .models import TESTED_ARCHS, checkpoint_stage
 from .tracking import add_tracker_arguments
 from .transfer import add_transfer_arguments
-from .recipes import DEFAULT_RECIPE, NEEDS_UNLABELLED, RECIPES, recipe_defaults, \
+from .recipes import DEFAULT_RECIPE, FLAG_NAMES, NEEDS_UNLABELLED, RECIPES, recipe_defaults, \
     recipe_text
 
 STAGES = {
@@ -287,8 +288,31 @@ def _bounds_text(low, high, low_in, high_in) -> str:
 
 
 def check_arguments(args) -> None:
-    """Every numeric flag in range, before any work starts: one line names the first bad one.
-    Also puts --strict-paths in force for the images the script will read."""
+    """Every numeric flag in range, before any work starts: one line names the first bad one,
+    and says so where the ``--recipe`` preset set the value it names. Also puts
+    --strict-paths in force for the images the script will read."""
+    try:
+        _check_arguments(args)
+    except ToolError as error:
+        raise ToolError(f"{error}{_from_preset(args, str(error))}") from None
+
+
+def _from_preset(args, message: str) -> str:
+    """`` (the --recipe consistent preset sets --warmup-epochs 1)`` for each flag the
+    message names whose value is the preset's: the user may never have typed it."""
+    preset = RECIPES.get(getattr(args, "recipe", None), {})
+    named = []
+    for dest, value in preset.items():
+        flag = f"--{FLAG_NAMES.get(dest, dest.replace('_', '-'))}"
+        mentioned = re.search(rf"{re.escape(flag)}(?![\w-])", message)
+        if mentioned and getattr(args, dest, None) == value:
+            named.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    if not named:
+        return ""
+    return f" (the --recipe {args.recipe} preset sets {', '.join(named)})"
+
+
+def _check_arguments(args) -> None:
     set_path_policy(args)
     require_at_least_one({"--batch-size": args.batch_size,
                           "--epochs": getattr(args, "epochs", 1),

@@ -321,9 +321,27 @@ def test_every_numeric_flag_refuses_negative_and_non_finite_values(flag, where):
 
 @pytest.mark.fast
 def test_cosine_warmup_must_leave_a_decay():
-    with pytest.raises(ToolError, match="--warmup-epochs 5.0 leaves nothing"):
+    with pytest.raises(ToolError, match="--warmup-epochs 5.0 leaves nothing") as refused:
         check_arguments(parse_train_arguments(
             "student", ["--schedule", "cosine", "--epochs", "5", "--warmup-epochs", "5"]))
+    assert "preset" not in str(refused.value)       # no preset set any of it
+
+
+@pytest.mark.fast
+def test_an_error_caused_by_a_preset_value_names_the_preset():
+    """--recipe consistent --epochs 1: the user never typed --warmup-epochs 1."""
+    with pytest.raises(ToolError) as refused:
+        check_arguments(parse_train_arguments("student", ["--recipe", "consistent",
+                                                          "--epochs", "1"]))
+    assert str(refused.value) == ("--warmup-epochs 1.0 leaves nothing of --epochs 1 for the "
+                                  "cosine decay (the --recipe consistent preset sets "
+                                  "--warmup-epochs 1)")
+    # A value given on the command line is the user's own, even under a preset.
+    with pytest.raises(ToolError) as refused:
+        check_arguments(parse_train_arguments("student", ["--recipe", "consistent",
+                                                          "--epochs", "2",
+                                                          "--warmup-epochs", "2"]))
+    assert "preset" not in str(refused.value)
 
 
 @pytest.mark.parametrize("flag,value", [("--lr", "-1"), ("--weight-decay", "-1"),
