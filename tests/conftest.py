@@ -16,18 +16,35 @@ import pytest
 from src import distributed
 from src.demo import write_demo_dataset
 
+from forkserver import ForkServer
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TRAIN_ARGS = ["--arch", "resnet18", "--weights", "none", "--input-size", "16",
                    "--epochs", "1", "--batch-size", "8", "--lr", "1e-3"]
 
 
+_fork_server: ForkServer | None = None
+
+
 def run_script(script: str, *args, cwd: Path = ROOT, timeout: int = 300,
                env: dict | None = None):
-    """Run a top-level script as a user would (``env``: extra environment variables);
-    returns the CompletedProcess."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    """Run a top-level script as a user would (``env``: extra environment variables) in a
+    new process; returns the CompletedProcess. The process is a fork of a server that has
+    imported the libraries once (tests/forkserver.py), unless ``env`` asks for something a
+    new interpreter reads at its start."""
+    global _fork_server
+    argv = [str(ROOT / script), *map(str, args)]
+    if env:
+        return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, **env})
+    if _fork_server is None:
+        _fork_server = ForkServer()
+    return _fork_server.run(argv, cwd, timeout)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _fork_server is not None:
+        _fork_server.close()
 
 
 def worker_command(stage: str, record: Path, *args, processes: int = 2,

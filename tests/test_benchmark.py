@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
+from conftest import TINY_TRAIN_ARGS, assert_one_line_error, run_script
 
 TINY_BENCH_ARGS = ["--images", "250", "--input-size", "32", "--batch-size", "8", "--steps",
                    "1", "--pipeline-batches", "2", "--pipeline-rounds", "2", "--workers", "1"]
