@@ -26,8 +26,11 @@ def main() -> int:
     parser.add_argument("--bootstrap-seed", type=int, default=0,
                         help="seed of the bootstrap resampling")
     parser.add_argument("--no-tsne", dest="tsne", action="store_false",
+                        default=argparse.SUPPRESS,
                         help="skip the t-SNE figure (the slowest part on large test sets)")
     args = parser.parse_args()
+    # SUPPRESS keeps --help from printing "(default: True)" beside a flag that means False.
+    args.tsne = getattr(args, "tsne", True)
     if args.resamples < 100:
         raise ToolError("--resamples must be at least 100")
     require_at_least_one({"--batch-size": args.batch_size})

@@ -201,9 +201,11 @@ def print_report(report: Report, limit: int = 10) -> None:
     if report.pair_differences:
         difference = float(np.mean(report.pair_differences))
         verdict = "can" if difference <= LR_RENDER_TOLERANCE else "cannot"
+        # Whether the data allow --lr-from-hr, not advice to use it: on Fashion-MNIST it
+        # cost 1.14 points against the consistent recipe (docs/results.md).
         print(f"LR images vs their HR twins box-filtered to LR size: {difference:.2f} grey "
               f"levels apart on average (--lr-from-hr {verdict} be used: it needs at most "
-              f"{LR_RENDER_TOLERANCE:g})")
+              f"{LR_RENDER_TOLERANCE:g}; measured worse than without it, docs/results.md)")
     if report.degradation_errors:
         best = next(iter(report.degradation_errors))
         print(f"LR images vs their HR twins degraded each way, mean grey-level error on "
