@@ -18,6 +18,7 @@ the end.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select
@@ -33,15 +34,10 @@ def serve(requests_fd: int, replies_fd: int) -> None:
     # Everything a script imports at its start, and what its stages import later.
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    for module in ("matplotlib.pyplot", "sklearn.metrics", "sklearn.model_selection", "torch",
+                   "src.compare", "src.predict", "src.seeds", "src.stages"):
+        importlib.import_module(module)
     import numpy
-    import sklearn.metrics  # noqa: F401
-    import sklearn.model_selection  # noqa: F401
-    import torch  # noqa: F401
-    import src.compare  # noqa: F401
-    import src.predict  # noqa: F401
-    import src.seeds  # noqa: F401
-    import src.stages  # noqa: F401
     import random
     import runpy
 
