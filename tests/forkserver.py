@@ -34,8 +34,8 @@ def serve(requests_fd: int, replies_fd: int) -> None:
     # Everything a script imports at its start, and what its stages import later.
     import matplotlib
     matplotlib.use("Agg")
-    for module in ("matplotlib.pyplot", "sklearn.metrics", "sklearn.model_selection", "torch",
-                   "src.compare", "src.predict", "src.seeds", "src.stages"):
+    for module in ("matplotlib.pyplot", "sklearn.metrics", "sklearn.model_selection", "timm",
+                   "torch", "src.compare", "src.predict", "src.seeds", "src.stages"):
         importlib.import_module(module)
     import numpy
     import random
