@@ -1,4 +1,5 @@
-"""``predict.py``: a competition submission (``ID,label``) for ``test.csv`` from a checkpoint."""
+"""``predict.py``: a competition submission (``ID,label``) for ``test.csv`` from a checkpoint,
+or the predictions for any LR images (``--images``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from PIL import Image
+
 from .cli import ToolError, progress_bar
-from .data import load_images, make_view, read_table, read_test_table
+from .data import decode_image, load_images, make_view, normalize_path, read_table, \
+    read_test_table
 from .metrics import classification_metrics
 from .distill import normalised_teacher_weights
 from .models import load_checkpoint, load_teacher
@@ -23,25 +27,118 @@ def predict_test_set(data_dir: Path, ckpts: list[Path], cache_dir: Path | None,
 
     With ``tta`` the class probabilities of each image and its mirror image are averaged.
     """
-    # Every checkpoint is loaded and checked before any image is decoded: a wrong file
-    # is named in seconds, not after minutes of decoding.
+    members = load_students(ckpts)
+    table = read_test_table(data_dir)
+    pixels = load_images(data_dir, table["img_path"].tolist(), cache_dir, "TEST")
+    probabilities = ensemble_probabilities(members, pixels, "TEST", batch_size, runtime, tta)
+    classes = members[0][2]["classes"]
+    labels = [classes[index] for index in probabilities.argmax(1).tolist()]
+    return pd.DataFrame({"ID": table["ID"], "label": labels})
+
+
+def load_students(ckpts: list[Path]) -> list[tuple]:
+    """``(ckpt, model, meta)`` for each LR checkpoint, all on one class list. Every
+    checkpoint is loaded and checked before any image is decoded: a wrong file is named in
+    seconds, not after minutes of decoding."""
     members, classes = [], None
     for ckpt in ckpts:
         model, meta = load_checkpoint(ckpt, classes, what="checkpoint")
         if meta["resolution"] != "lr":
-            raise ToolError(f"{ckpt} is an HR model; test.csv has only LR images, so predict "
-                            f"with a student (student or kd_student)")
+            raise ToolError(f"{ckpt} is an HR model; predict with a student (student or "
+                            f"kd_student): the images to classify are LR")
         classes = meta["classes"]
         members.append((ckpt, model, meta))
-    table = read_test_table(data_dir)
-    # Read once: every member of an ensemble sees the same decoded images.
-    pixels = load_images(data_dir, table["img_path"].tolist(), cache_dir, "TEST")
+    return members
+
+
+def ensemble_probabilities(members: list[tuple], pixels: np.ndarray, description: str,
+                           batch_size: int, runtime, tta: bool) -> torch.Tensor:
+    """The members' class probabilities averaged; every member sees the same decoded
+    images, read once."""
     probabilities = 0
     for ckpt, model, meta in members:
         probabilities = probabilities + predict_probabilities(
-            model, meta, ckpt, pixels, "TEST", batch_size, runtime, tta) / len(ckpts)
-    labels = [classes[index] for index in probabilities.argmax(1).tolist()]
-    return pd.DataFrame({"ID": table["ID"], "label": labels})
+            model, meta, ckpt, pixels, description, batch_size, runtime, tta) / len(members)
+    return probabilities
+
+
+# What --images takes from a folder (by suffix, any case).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_paths(source: Path) -> list[Path]:
+    """The images ``--images`` names: a folder's image files (its subfolders too, sorted by
+    path), one image file, or a CSV's ``img_path`` column (relative to the CSV's folder,
+    as in the competition's CSVs)."""
+    if source.is_dir():
+        paths = sorted(path for path in source.rglob("*")
+                       if path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir())
+        if not paths:
+            raise ToolError(f"--images {source}: no image files in the folder (looked for "
+                            f"{', '.join(IMAGE_SUFFIXES)})")
+        return paths
+    if not source.exists():
+        raise ToolError(f"--images {source}: no such file or folder")
+    if source.suffix.lower() == ".csv":
+        table = read_table(source, ("img_path",))
+        if table.empty:
+            raise ToolError(f"--images {source}: the CSV has no rows")
+        return [source.parent / normalize_path(path) for path in table["img_path"]]
+    return [source]
+
+
+def read_images_at(paths: list[Path], size: int) -> tuple[np.ndarray, list[Path], list[str],
+                                                            int]:
+    """Decode ``paths`` for a model trained on ``size`` x ``size`` LR images. Returns the
+    pixels (N, size, size, 3) of the readable ones, those paths, one line per unreadable
+    file, and how many were resized. An image of another size is resized to ``size`` x
+    ``size`` (its aspect ratio is not kept) with PIL's box filter when it shrinks, the
+    area average the demo data's LR images are made with, and bicubic when it grows."""
+    kept, pixels, unreadable, resized = [], [], [], 0
+    for path in progress_bar(paths, desc="reading images", unit="image", leave=False):
+        try:
+            image = decode_image(path)
+        except ToolError as error:
+            unreadable.append(str(error))
+            continue
+        if image.shape[:2] != (size, size):
+            shrinks = image.shape[0] * image.shape[1] >= size * size
+            image = np.asarray(Image.fromarray(image).resize(
+                (size, size), Image.Resampling.BOX if shrinks else Image.Resampling.BICUBIC))
+            resized += 1
+        kept.append(path)
+        pixels.append(image)
+    stacked = np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8)
+    return stacked, kept, unreadable, resized
+
+
+def predict_images(members: list[tuple], paths: list[Path], batch_size: int, runtime,
+                   tta: bool, top_k: int, with_probabilities: bool
+                   ) -> tuple[pd.DataFrame, list[str], int]:
+    """Predictions for any LR images: ``path`` and ``label`` (the most probable class),
+    with ``top_k`` > 1 ``label_2, probability_2, ...`` up to K (``probability_1`` beside
+    ``label``), and with ``with_probabilities`` one column per class. Also returns the
+    unreadable files' lines and the count of resized images."""
+    meta = members[0][2]
+    size = int(meta.get("image_size") or meta["input_size"])
+    pixels, kept, unreadable, resized = read_images_at(paths, size)
+    classes = meta["classes"]
+    columns = {"path": [str(path) for path in kept]}
+    if len(kept):
+        probabilities = ensemble_probabilities(members, pixels, "--images", batch_size,
+                                               runtime, tta)
+    else:
+        probabilities = torch.zeros((0, len(classes)))
+    best = probabilities.topk(top_k, dim=1)
+    for rank in range(top_k):
+        label = "label" if rank == 0 else f"label_{rank + 1}"
+        columns[label] = [classes[index] for index in best.indices[:, rank].tolist()]
+        if top_k > 1:
+            columns[f"probability_{rank + 1}"] = best.values[:, rank].tolist()
+    if with_probabilities:
+        for index, name in enumerate(classes):
+            columns[f"p_{name}"] = probabilities[:, index].tolist()
+    return pd.DataFrame(columns), unreadable, resized
 
 
 @torch.no_grad()

@@ -143,7 +143,7 @@ def test_predict_writes_one_row_per_test_id_in_order(finished_run, tmp_path):
     assert_one_line_error(again, "exists", "--overwrite")
     teacher = run_script("predict.py", "--data-dir", data_dir, "--out-dir", out_dir,
                          "--ckpt", out_dir / "teacher" / "best.pt", "--output", tmp_path / "t.csv")
-    assert_one_line_error(teacher, "is an HR model", "test.csv has only LR images")
+    assert_one_line_error(teacher, "is an HR model", "the images to classify are LR")
 
 
 def test_predict_averages_the_probabilities_of_several_checkpoints(finished_run, tmp_path):
