@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from pathlib import Path
 
 from .cli import ToolError, read_json, require_at_least_one
@@ -17,7 +16,7 @@ from .methods import add_method_arguments, method_flag_bounds, preset_for_method
 from .models import TESTED_ARCHS, checkpoint_stage
 from .tracking import add_tracker_arguments
 from .transfer import add_transfer_arguments
-from .recipes import DEFAULT_RECIPE, FLAG_NAMES, NEEDS_UNLABELLED, RECIPES, recipe_defaults, \
+from .recipes import DEFAULT_RECIPE, NEEDS_UNLABELLED, RECIPES, preset_note, recipe_defaults, \
     recipe_text
 
 STAGES = {
@@ -294,22 +293,7 @@ def check_arguments(args) -> None:
     try:
         _check_arguments(args)
     except ToolError as error:
-        raise ToolError(f"{error}{_from_preset(args, str(error))}") from None
-
-
-def _from_preset(args, message: str) -> str:
-    """`` (the --recipe consistent preset sets --warmup-epochs 1)`` for each flag the
-    message names whose value is the preset's: the user may never have typed it."""
-    preset = RECIPES.get(getattr(args, "recipe", None), {})
-    named = []
-    for dest, value in preset.items():
-        flag = f"--{FLAG_NAMES.get(dest, dest.replace('_', '-'))}"
-        mentioned = re.search(rf"{re.escape(flag)}(?![\w-])", message)
-        if mentioned and getattr(args, dest, None) == value:
-            named.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
-    if not named:
-        return ""
-    return f" (the --recipe {args.recipe} preset sets {', '.join(named)})"
+        raise ToolError(f"{error}{preset_note(args, str(error))}") from None
 
 
 def _check_arguments(args) -> None:

@@ -7,6 +7,8 @@ is for students only: a teacher cannot start from itself.
 
 from __future__ import annotations
 
+import re
+
 RECIPES = {
     # The seed's setup, as the public reference describes it: kd with T=4, alpha 0.7,
     # beta 0.3; ReduceLROnPlateau on validation loss, early stopping, best val loss.
@@ -36,13 +38,32 @@ DEFAULT_RECIPE = "reference"
 FLAG_NAMES = {"monitor": "select-by"}
 
 
+def flag_name(key: str) -> str:
+    """The command-line flag of a preset's key (an argparse destination)."""
+    return f"--{FLAG_NAMES.get(key, key.replace('_', '-'))}"
+
+
 def recipe_text(name: str) -> str:
     """The preset as flags, for --help and the README."""
     settings = RECIPES[name]
     if not settings:
         return "the parser defaults"
-    return " ".join(f"--{FLAG_NAMES.get(key, key.replace('_', '-'))} {value}"
-                    for key, value in settings.items())
+    return " ".join(f"{flag_name(key)} {value}" for key, value in settings.items())
+
+
+def preset_note(args, message: str) -> str:
+    """`` (the --recipe consistent preset sets --warmup-epochs 1)`` for each flag an error
+    ``message`` names whose value in ``args`` is the preset's: the user may never have
+    typed it. Empty when the preset set none of them."""
+    named = []
+    for key, value in RECIPES.get(getattr(args, "recipe", None), {}).items():
+        flag = flag_name(key)
+        mentioned = re.search(rf"{re.escape(flag)}(?![\w-])", message)
+        if mentioned and getattr(args, key, None) == value:
+            named.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    if not named:
+        return ""
+    return f" (the --recipe {args.recipe} preset sets {', '.join(named)})"
 
 
 def recipe_defaults(name: str, destinations, stage: str) -> dict:
