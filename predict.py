@@ -18,7 +18,7 @@ from pathlib import Path
 from src.cli import ToolError, ensure_writable_dir, pick_device, require_at_least_one, run_main, \
     write_csv
 from src.predict import HOLDOUT_LABELS, holdout_scores, image_paths, load_students, \
-    predict_images, predict_test_set, read_holdout_labels
+    lr_size, predict_images, predict_test_set, read_holdout_labels
 from src.arguments import common_arguments, given_options, read_run_record
 from src.data import set_path_policy
 from src.stages import cache_dir_for, runtime_for
@@ -112,7 +112,7 @@ def predict_any_images(args, ckpts: list[Path], output: Path, runtime) -> int:
                                                       runtime, args.tta, args.top_k,
                                                       args.probabilities)
     write_csv(output, predictions)
-    size = int(members[0][2].get("image_size") or members[0][2]["input_size"])
+    size = lr_size(members[0][2])
     print(f"{len(predictions)} of {len(paths)} images predicted"
           f"{' with flip TTA' if args.tta else ''} by {_used(ckpts)} -> {output}")
     if resized:

@@ -87,6 +87,12 @@ def image_paths(source: Path) -> list[Path]:
     return [source]
 
 
+def lr_size(meta: dict) -> int:
+    """The side of the LR images a checkpoint was trained on (its input size where the
+    checkpoint does not record them)."""
+    return int(meta.get("image_size") or meta["input_size"])
+
+
 def read_images_at(paths: list[Path], size: int) -> tuple[np.ndarray, list[Path], list[str],
                                                             int]:
     """Decode ``paths`` for a model trained on ``size`` x ``size`` LR images. Returns the
@@ -120,8 +126,7 @@ def predict_images(members: list[tuple], paths: list[Path], batch_size: int, run
     ``label``), and with ``with_probabilities`` one column per class. Also returns the
     unreadable files' lines and the count of resized images."""
     meta = members[0][2]
-    size = int(meta.get("image_size") or meta["input_size"])
-    pixels, kept, unreadable, resized = read_images_at(paths, size)
+    pixels, kept, unreadable, resized = read_images_at(paths, lr_size(meta))
     classes = meta["classes"]
     columns = {"path": [str(path) for path in kept]}
     if len(kept):
